@@ -1,0 +1,27 @@
+# deepcast: a DeepSeek checkpoint to validated, deployable artifacts for one hardware target.
+#
+#   snakemake --cores all --config target=4x2080ti model=deepseek-ai/DeepSeek-R1-Distill-Qwen-7B
+#
+# Shared work (download, corpus, calibration, reference) lives under results/models/<model>/<revision>/;
+# work that depends on the target lives under results/targets/<target>/<model>/<revision>/.
+from snakemake.utils import min_version
+
+min_version("9.12")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/corpus.smk"
+include: "rules/download.smk"
+include: "rules/calibrate.smk"
+include: "rules/reference.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        checkpoint=checkpoint_dir(),
+        calibration=calibration_dir(),
+        reference=reference_dir(),

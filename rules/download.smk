@@ -1,0 +1,21 @@
+# Download: the checkpoint's safetensors, config and tokenizer, verified file by file,
+# from the hub (revision resolved to a commit sha) or from a local directory.
+
+
+rule download:
+    output:
+        checkpoint=directory("results/models/{model}/{revision}/checkpoint"),
+    log:
+        "logs/{model}/{revision}/download.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/download.tsv"
+    conda:
+        "../envs/deepcast.yaml"
+    params:
+        source=MODEL.location,
+        revision=MODEL.revision,
+        settings=stage_settings("download"),
+        code=fingerprint.of_stage("download"),
+    shell:
+        "deepcast download --source {params.source:q} --revision {params.revision:q}"
+        " --out {output.checkpoint} --settings {params.settings:q} > {log} 2>&1"

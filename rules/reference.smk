@@ -1,0 +1,23 @@
+# Reference evaluation: the downloaded checkpoint's perplexity on the evaluation split,
+# the baseline every quantized artifact is compared with.
+
+
+rule reference:
+    input:
+        checkpoint="results/models/{model}/{revision}/checkpoint",
+        evaluation_text=f"{CORPUS_DIR}/evaluation.txt",
+    output:
+        reference=directory("results/models/{model}/{revision}/reference"),
+    log:
+        "logs/{model}/{revision}/reference.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/reference.tsv"
+    conda:
+        "../envs/deepcast.yaml"
+    threads: workflow.cores
+    params:
+        settings=stage_settings("evaluation"),
+        code=fingerprint.of_stage("reference"),
+    shell:
+        "deepcast reference --checkpoint {input.checkpoint} --evaluation-text {input.evaluation_text}"
+        " --out {output.reference} --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,3 @@
+"""deepcast: DeepSeek checkpoints to validated, deployable artifacts per hardware target."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Typed settings: the one source of truth for config/config.yaml and its JSON schema.
+
+`deepcast config schema` regenerates workflow/schemas/config.schema.json from
+these models; a test fails when the committed schema drifts from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deepcast.errors import DeepcastError
+
+SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "config.schema.json"
+
+WEIGHT_AND_CONFIG_FILES = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DownloadSettings(Strict):
+    allow_patterns: list[str] = Field(
+        default=WEIGHT_AND_CONFIG_FILES,
+        description="Files taken from a source: weights as safetensors, configs and tokenizer files.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Opt in to pickle weights (.bin/.pt) when a checkpoint has no safetensors; "
+        "they are loaded with torch's weights_only loader and rewritten as safetensors.",
+    )
+    retries: int = Field(default=3, ge=0, description="Resumed attempts per file after a dropped connection.")
+
+
+class CalibrationSettings(Strict):
+    source: str = Field(
+        default="corpus",
+        description="'corpus' (the pinned offline corpus), a local .txt or .jsonl file, "
+        "or hf-dataset://org/name@revision for a hub dataset.",
+    )
+    text_field: str = Field(default="text", description="Field holding the text in .jsonl records.")
+    samples: int = Field(default=64, ge=1, description="Number of calibration samples.")
+    sequence_length: int = Field(default=512, ge=16, description="Tokens per sample.")
+    seed: int = Field(default=0, description="Seed for choosing the samples.")
+    chat_template: bool = Field(
+        default=False, description="Wrap each sample as a user turn with the model's chat template."
+    )
+
+
+class EvaluationSettings(Strict):
+    context: int = Field(default=512, ge=16, description="Tokens per perplexity chunk (llama-perplexity's -c).")
+    max_chunks: int = Field(default=48, ge=1, description="Upper bound on evaluated chunks.")
+    batch_size: int = Field(default=4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the reference runs.")
+
+
+class Settings(Strict):
+    target: str = Field(default="cpu", description="Hardware target: a file name under config/targets/.")
+    model: str = Field(
+        default="tiny-deepseek-v3",
+        description="A registry name (config/models/), a hub id org/name[@revision], or a local directory.",
+    )
+    download: DownloadSettings = DownloadSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+
+
+def load(raw: dict) -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise DeepcastError(f"invalid configuration: {problems}. Fix config/config.yaml or --config.") from None
+
+
+def json_schema() -> str:
+    schema = Settings.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def calibration_source_file(settings: CalibrationSettings) -> Path | None:
+    """The local calibration file, checked before any work; None for the corpus or a hub dataset."""
+    if settings.source == "corpus" or settings.source.startswith("hf-dataset://"):
+        return None
+    path = Path(settings.source).expanduser()
+    if not path.is_file():
+        raise DeepcastError(
+            f"calibration source {path} does not exist. Fix: set calibration.source to a .txt or .jsonl file, "
+            "or to corpus."
+        )
+    with open(path, "rb") as handle:
+        if not handle.read(1 << 20).strip():
+            raise DeepcastError(
+                f"calibration source {path} is empty. Fix: give it text, or set calibration.source to corpus."
+            )
+    return str(path)

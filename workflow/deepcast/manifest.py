@@ -1,0 +1,85 @@
+"""The small JSON manifest beside every artifact: what went in, how, and what came out."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shlex
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from deepcast.files import sha256_file
+
+MANIFEST = "manifest.json"
+TOOLS = (
+    "deepcast",
+    "torch",
+    "transformers",
+    "huggingface-hub",
+    "safetensors",
+    "tokenizers",
+    "llmcompressor",
+    "compressed-tensors",
+    "gguf",
+)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_table(directory: Path) -> dict[str, dict]:
+    """sha256 and size of every file under `directory` except the manifest itself."""
+    return {
+        path.relative_to(directory).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def peak_memory_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Recorder:
+    """Collects a stage's facts while it runs; `write` puts the manifest into the artifact."""
+
+    def __init__(self, stage: str, params: dict, seed: int | None = None):
+        self.stage, self.params, self.seed = stage, params, seed
+        self.inputs: dict[str, str] = {}
+        self.results: dict = {}
+        self.started = time.time()
+
+    def input(self, label: str, path: Path) -> None:
+        self.inputs[label] = sha256_file(path)
+
+    def write(self, directory: Path) -> dict:
+        manifest = {
+            "stage": self.stage,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "params": self.params,
+            "seed": self.seed,
+            "inputs": self.inputs,
+            "results": self.results,
+            "tools": tool_versions(),
+            "wall_time_s": round(time.time() - self.started, 3),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "files": file_table(directory),
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return manifest
+
+
+def read(directory: Path) -> dict:
+    return json.loads((Path(directory) / MANIFEST).read_text())

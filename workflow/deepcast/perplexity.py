@@ -1,0 +1,58 @@
+"""Perplexity the way llama-perplexity computes it, so HF and GGUF figures compare.
+
+The text is tokenized once with a leading BOS and cut into chunks of `n_ctx`
+tokens; each chunk starts with BOS and only its second half is scored, every
+token there seeing at least n_ctx/2 tokens of context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    chunks: int
+    n_ctx: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def chunk_tokens(token_ids: list[int], bos_id: int | None, n_ctx: int, max_chunks: int) -> list[list[int]]:
+    """Chunks as llama-perplexity forms them; without a BOS token (Qwen) nothing is prepended."""
+    tokens = [bos_id, *token_ids] if bos_id is not None else list(token_ids)
+    count = min(len(tokens) // n_ctx, max_chunks)
+    chunks = [tokens[i * n_ctx : (i + 1) * n_ctx] for i in range(count)]
+    if bos_id is not None:
+        for chunk in chunks:
+            chunk[0] = bos_id
+    return chunks
+
+
+@torch.no_grad()
+def evaluate(model, chunks: list[list[int]], batch_size: int = 4, progress=None) -> Perplexity:
+    if not chunks:
+        raise ValueError("no evaluation chunks: the evaluation text is shorter than one context")
+    n_ctx = len(chunks[0])
+    first = n_ctx // 2
+    device = next(model.parameters()).device
+    total_nll, scored = 0.0, 0
+    for start in range(0, len(chunks), batch_size):
+        ids = torch.tensor(chunks[start : start + batch_size], device=device)
+        logits = model(input_ids=ids).logits.float()
+        logprobs = torch.log_softmax(logits[:, first : n_ctx - 1], dim=-1)
+        targets = ids[:, first + 1 : n_ctx]
+        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        total_nll += nll.double().sum().item()
+        scored += nll.numel()
+        if progress is not None:
+            progress.update(ids.shape[0])
+    mean = total_nll / scored
+    return Perplexity(math.exp(mean), mean, scored, len(chunks), n_ctx)

@@ -1,0 +1,144 @@
+"""Hardware targets and the model registry, read from config/targets and config/models.
+
+A user adds a box or a model by writing one YAML file; every file is checked
+against the typed models below, so a missing field or an impossible value is
+reported with the file's name before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from deepcast.errors import DeepcastError
+
+# Hub repo ids: https://huggingface.co/docs/hub/en/repositories-naming (letters, digits, - _ .; no -- or ..)
+REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# A git ref name or a commit sha: no spaces, no "..", no leading "-", no ":" ("@" only inside refs/pr).
+REVISION = re.compile(r"^(?!-)(?!.*\.\.)[\w./-]{1,128}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GPU(Strict):
+    name: str
+    count: PositiveInt
+    compute_capability: float = Field(ge=3.0, le=20.0)
+    memory_gb: PositiveFloat
+    bandwidth_gbps: PositiveFloat
+    bf16: bool
+    fp8: bool
+    interconnect: Literal["nvlink", "pcie-p2p", "none", "unified"]
+
+
+class Target(Strict):
+    name: str
+    description: str
+    gpu: GPU | None = None
+    system_ram_gb: PositiveFloat
+    cpu_cores: PositiveInt
+    cpu_bandwidth_gbps: PositiveFloat
+    free_disk_gb: PositiveFloat
+
+
+class ModelEntry(Strict):
+    name: str
+    hub_id: str | None = None
+    source: str | None = Field(default=None, description="A local directory, relative to the repository root.")
+    revision: str = "main"
+    architecture: str
+    native_dtype: Literal["bfloat16", "float16", "float8_e4m3fn", "float32"]
+    parameters_b: PositiveFloat
+    active_parameters_b: PositiveFloat
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the pipeline downloads: a registry entry or an ad-hoc hub id or directory."""
+
+    name: str  # path-safe, names the results folder
+    revision: str
+    hub_id: str | None = None
+    local_path: str | None = None
+
+    @property
+    def path_revision(self) -> str:
+        return self.revision.replace("/", "_")
+
+    @property
+    def location(self) -> str:
+        """What `deepcast download --source` takes: hf://org/name or a directory."""
+        return f"hf://{self.hub_id}" if self.hub_id else self.local_path
+
+
+def _load_yaml(path: Path, model: type[BaseModel]):
+    try:
+        data = yaml.safe_load(path.read_text())
+        return model.model_validate(data)
+    except yaml.YAMLError as error:
+        raise DeepcastError(f"{path} is not valid YAML: {error}") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise DeepcastError(f"{path}: {problems}. Fix that file.") from None
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_target(config_dir: Path, name: str) -> Target:
+    path = config_dir / "targets" / f"{name}.yaml"
+    if not path.is_file():
+        raise DeepcastError(
+            f"unknown target {name!r}. Valid targets: {', '.join(_names(config_dir / 'targets'))}. "
+            f"To add your own box, write config/targets/{name}.yaml."
+        )
+    target = _load_yaml(path, Target)
+    if target.name != name:
+        raise DeepcastError(f"{path} declares name {target.name!r}; make it {name!r} to match the file name.")
+    return target
+
+
+def load_models(config_dir: Path) -> dict[str, ModelEntry]:
+    return {p.stem: _load_yaml(p, ModelEntry) for p in sorted((config_dir / "models").glob("*.yaml"))}
+
+
+def resolve_model(config_dir: Path, spec: str, repo_root: Path) -> ModelRef:
+    """Turn `config: model` into a ModelRef, or say exactly why it cannot be one."""
+    models = load_models(config_dir)
+    hub_id, _, revision = spec.partition("@")
+    for entry in models.values():
+        if spec == entry.name or (entry.hub_id and hub_id.lower() == entry.hub_id.lower()):
+            revision = revision or entry.revision
+            _check_revision(revision)
+            if entry.source:
+                return ModelRef(entry.name, revision, local_path=str(repo_root / entry.source))
+            return ModelRef(entry.name, revision, hub_id=entry.hub_id)
+    local = Path(spec).expanduser()
+    if "/" in spec and local.is_dir():
+        return ModelRef(local.resolve().name.lower(), "local", local_path=str(local.resolve()))
+    if "/" not in hub_id:
+        raise DeepcastError(
+            f"unknown model {spec!r}. Registry models: {', '.join(sorted(models))}; "
+            "or give a hub id as org/name[@revision], or a local directory."
+        )
+    if not REPO_ID.match(hub_id):
+        raise DeepcastError(
+            f"malformed model id {hub_id!r}: expected org/name with letters, digits, '-', '_' or '.' "
+            "(no '--' or '..', at most 96 characters each), for example deepseek-ai/DeepSeek-R1."
+        )
+    revision = revision or "main"
+    _check_revision(revision)
+    return ModelRef(hub_id.replace("/", "--").lower(), revision, hub_id=hub_id)
+
+
+def _check_revision(revision: str) -> None:
+    if not REVISION.match(revision):
+        raise DeepcastError(f"malformed revision {revision!r}: use a branch or tag name, or a 40-character commit sha.")

@@ -1,0 +1,64 @@
+"""Reference evaluation: perplexity of the downloaded checkpoint on the evaluation split.
+
+Every quantized artifact is compared with this figure. The token chunks are
+saved with it, so later validations score exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from deepcast.config import EvaluationSettings
+from deepcast.errors import DeepcastError
+from deepcast.files import atomic_path
+from deepcast.manifest import Recorder
+from deepcast.perplexity import chunk_tokens, evaluate
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeepcastError("evaluation.device is cuda but no GPU is visible. Fix: set it to auto or cpu.")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: EvaluationSettings) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recorder = Recorder("reference", settings.model_dump())
+    recorder.input("evaluation_text", evaluation_text)
+    text = evaluation_text.read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = chunk_tokens(ids, tokenizer.bos_token_id, settings.context, settings.max_chunks)
+    if not chunks:
+        raise DeepcastError(
+            f"{evaluation_text} has {len(ids)} tokens, fewer than one {settings.context}-token chunk. "
+            "Fix: use a longer evaluation text or a smaller evaluation.context."
+        )
+    device = pick_device(settings.device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = (
+        AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+        .to(device)
+        .eval()
+    )
+    with tqdm(total=len(chunks), desc="perplexity", unit="chunk") as bar:
+        result = evaluate(model, chunks, settings.batch_size, progress=bar)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "chunks.json").write_text(json.dumps(chunks))
+        (tmp / "perplexity.json").write_text(
+            json.dumps({**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}, indent=2)
+            + "\n"
+        )
+        recorder.results = {**result.as_dict(), "device": device}
+        recorder.write(tmp)
+    return recorder.results
