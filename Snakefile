@@ -9,7 +9,8 @@ from snakemake.utils import min_version
 min_version("9.12")
 
 
-configfile: "config/config.yaml"
+# Relative to the Snakefile, so `snakemake --directory DIR` finds it from anywhere.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"

@@ -11,8 +11,6 @@ from deepcast import registry
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 
-validate(config, "../workflow/schemas/config.schema.json")
-
 try:
     SETTINGS = deepcast_config.load(config)
     TARGET = registry.load_target(Path(workflow.basedir) / "config", SETTINGS.target)
@@ -22,6 +20,11 @@ try:
     CALIBRATION_FILE = deepcast_config.calibration_source_file(SETTINGS.calibration)
 except DeepcastError as error:
     raise WorkflowError(f"deepcast: {error}") from None
+
+# --config passes nested values as strings ("8"); the typed settings have coerced them,
+# so the config every rule sees is the validated, typed one.
+config.update(SETTINGS.model_dump())
+validate(config, "../workflow/schemas/config.schema.json")
 
 CORPUS_DIR = f"results/corpus/{SHAKESPEARE.name}"
 

@@ -230,8 +230,15 @@ def _make_handler(hub: HubServer):
             try:
                 if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     raise HubError(401, "RepoNotFound", "Invalid username or password.")
+                # Dataset repos live under root/datasets/<org>/<name> and answer on /api/datasets/
+                # and /datasets/<org>/<name>/resolve/...; model repos under root/<org>/<name>.
+                kind = ""
+                if parts[:2] == ["api", "datasets"]:
+                    parts, kind = ["api", "models", *parts[2:]], "datasets/"
+                elif parts[0] == "datasets":
+                    parts, kind = parts[1:], "datasets/"
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                    repo_id, rest = "/".join(parts[2:4]), parts[4:]
+                    repo_id, rest = kind + "/".join(parts[2:4]), parts[4:]
                     if not rest:
                         return self._json(hub.model_info(repo_id, "main", query.get("blobs") == "true"), head)
                     if rest[0] == "revision" and len(rest) == 2:
@@ -243,7 +250,7 @@ def _make_handler(hub: HubServer):
                     snap, sha = hub.resolve(query["repo"], query["commit"])
                     return self._file(snap, sha, query["file"], head, allow_redirect=False)
                 elif len(parts) >= 5 and parts[2] == "resolve":
-                    snap, sha = hub.resolve("/".join(parts[:2]), parts[3])
+                    snap, sha = hub.resolve(kind + "/".join(parts[:2]), parts[3])
                     return self._file(
                         snap, sha, "/".join(parts[4:]), head, allow_redirect=True, repo_id="/".join(parts[:2])
                     )

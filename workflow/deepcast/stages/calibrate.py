@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+from deepcast import hub
 from deepcast.config import CalibrationSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path, remove
@@ -58,17 +59,26 @@ def read_documents(path: Path, text_field: str, block_chars: int) -> list[str]:
 def fetch_hub_dataset(spec: str, dest: Path) -> Path:
     """hf-dataset://org/name@revision: the repo's .jsonl/.txt files, concatenated into one local file."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, _, revision = spec.removeprefix("hf-dataset://").partition("@")
-    local = Path(
-        snapshot_download(
-            repo_id,
-            repo_type="dataset",
-            revision=revision or None,
-            allow_patterns=["*.jsonl", "*.txt"],
-            local_dir=dest / "dataset",
+    try:
+        local = Path(
+            snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                revision=revision or None,
+                allow_patterns=["*.jsonl", "*.txt"],
+                local_dir=dest / "dataset",
+                endpoint=hub.endpoint(),
+                token=hub.token(),
+            )
         )
-    )
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise DeepcastError(
+            f"cannot fetch calibration dataset {spec}: {str(error).splitlines()[0]}. "
+            "Fix: check the id and revision, the network or HF_ENDPOINT, and HF_TOKEN for private data."
+        ) from None
     files = sorted(local.rglob("*.jsonl")) or sorted(local.rglob("*.txt"))
     if not files:
         raise DeepcastError(f"{spec} has no .jsonl or .txt files. Fix: name a text dataset.")
@@ -104,13 +114,14 @@ def run(checkpoint: Path, source_file: Path, out: Path, settings: CalibrationSet
         tmp.mkdir()
         if settings.source.startswith("hf-dataset://"):
             source_file = fetch_hub_dataset(settings.source, tmp)
-        recorder.input("source", source_file)
         # Blocks of about four characters per token fill a sample.
         documents = read_documents(source_file, settings.text_field, 4 * settings.sequence_length)
+        recorder.input("source", source_file)
         samples = build_samples(documents, tokenizer, settings)
         if not samples:
             raise DeepcastError(
-                f"calibration source {source_file} has no text of at least {MIN_TOKENS} tokens. Fix: give it more text."
+                f"calibration source {settings.source if source_file.is_relative_to(tmp) else source_file} "
+                f"has no text of at least {MIN_TOKENS} tokens. Fix: give it more text."
             )
         texts = [tokenizer.decode(ids) for ids in samples]
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as handle:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from deepcast import hub
 from deepcast.config import DownloadSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import remove, sha256_file
@@ -88,13 +89,11 @@ def check_config(config_path: Path) -> dict:
 
 class HubSource:
     def __init__(self, hub_id: str, revision: str, settings: DownloadSettings):
-        from huggingface_hub import HfApi, constants
+        from huggingface_hub import HfApi
 
         self.hub_id, self.requested, self.settings = hub_id, revision, settings
-        self.endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-        # Read from the environment only; never passed on a command line or written anywhere.
-        self.token = os.environ.get("HF_TOKEN") or None
-        self.api = HfApi(endpoint=self.endpoint, token=self.token or False)
+        self.endpoint, self.token = hub.endpoint(), hub.token()
+        self.api = HfApi(endpoint=self.endpoint, token=self.token)
         self.revision = revision
 
     def list_files(self) -> dict[str, RemoteFile]:
@@ -137,7 +136,7 @@ class HubSource:
         partial.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(self.settings.retries + 1):
             have = partial.stat().st_size if partial.exists() else 0
-            headers = build_hf_headers(token=self.token or False)
+            headers = build_hf_headers(token=self.token)
             if have:
                 headers["Range"] = f"bytes={have}-"
             try:
@@ -153,7 +152,7 @@ class HubSource:
                             total=remote.size, initial=start, unit="B", unit_scale=True, desc=remote.path, leave=False
                         ) as bar,
                     ):
-                        for chunk in response.iter_bytes(1 << 20):
+                        for chunk in response.iter_bytes():
                             handle.write(chunk)
                             bar.update(len(chunk))
                 if partial.stat().st_size >= remote.size:

