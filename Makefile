@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 export DEEPCAST_CACHE ?= $(HOME)/.cache/deepcast
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint schema clean
+.PHONY: install tools run test lint schema clean
 
-install: $(STAMP)
+install: $(STAMP) tools
 
 # torch first and alone: the pin takes the CPU build already on disk, where one exists.
 $(STAMP): requirements.lock pyproject.toml
@@ -19,6 +19,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/deepcast embedded install
 	touch $(STAMP)
+
+# llama.cpp's tools, built once per version and backend into $(DEEPCAST_CACHE) (about 15 minutes
+# on 2 cores the first time; seconds afterwards).
+tools: $(STAMP)
+	$(BIN)/deepcast tools install llama.cpp
 
 run: install
 	$(BIN)/snakemake --cores all

@@ -18,6 +18,7 @@ include: "rules/corpus.smk"
 include: "rules/download.smk"
 include: "rules/calibrate.smk"
 include: "rules/reference.smk"
+include: "rules/gguf.smk"
 
 
 rule all:
@@ -26,3 +27,4 @@ rule all:
         checkpoint=checkpoint_dir(),
         calibration=calibration_dir(),
         reference=reference_dir(),
+        gguf=gguf_outputs(),

@@ -7,9 +7,11 @@ from snakemake.utils import validate
 
 from deepcast import config as deepcast_config
 from deepcast import fingerprint
+from deepcast import planner
 from deepcast import registry
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
+from deepcast.stages.gguf import SIXTEEN_BIT
 
 try:
     SETTINGS = deepcast_config.load(config)
@@ -27,11 +29,19 @@ config.update(SETTINGS.model_dump())
 validate(config, "../workflow/schemas/config.schema.json")
 
 CORPUS_DIR = f"results/corpus/{SHAKESPEARE.name}"
+CONFIG_DIR = str(Path(workflow.basedir) / "config")
+# A change to the target's profile reruns only the steps that read it.
+TARGET_PROFILE_DIGEST = registry.target_digest(Path(CONFIG_DIR), TARGET.name)
+LLAMA_CPP_OPTION = f"--llama-cpp {SETTINGS.tools.llama_cpp}" if SETTINGS.tools.llama_cpp else ""
+NO_IMATRIX = "-noimat"
 
 
 wildcard_constraints:
     model=MODEL.name,
     revision=MODEL.path_revision,
+    target=TARGET.name,
+    dtype="bf16|f16",
+    quant="[A-Z0-9_]+(-noimat)?",
 
 
 def model_dir():
@@ -48,6 +58,13 @@ def calibration_dir():
 
 def reference_dir():
     return f"{model_dir()}/reference"
+
+
+def download_inputs(wildcards):
+    """A local source's files, so that changing one reruns the download and what follows."""
+    if MODEL.local_path is None:
+        return {}
+    return {"source_files": registry.local_source_files(MODEL.local_path)}
 
 
 def calibration_inputs(wildcards):
@@ -71,3 +88,53 @@ def manifest_parent(wildcards, output):
 def stage_settings(section):
     """A config section as the JSON a stage command takes with --settings."""
     return getattr(SETTINGS, section).model_dump_json()
+
+
+def gguf_variants():
+    """Quant ids built for the target: the type, suffixed when made without the imatrix."""
+    no_bf16 = TARGET.gpu is not None and not TARGET.gpu.bf16
+    variants = []
+    for qtype in (t.upper() for t in SETTINGS.gguf.types):
+        if qtype == "BF16" and no_bf16:
+            qtype = "F16"  # Turing has no bf16: deploy the 16-bit model as F16
+        made_without = qtype not in SIXTEEN_BIT and not SETTINGS.gguf.imatrix
+        variants.append(qtype + (NO_IMATRIX if made_without else ""))
+    variants += [t.upper() + NO_IMATRIX for t in SETTINGS.gguf.controls]
+    return list(dict.fromkeys(variants))
+
+
+def gguf_outputs():
+    prefix = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}/llama.cpp"
+    return [f"{prefix}/{quant}/validation" for quant in gguf_variants()]
+
+
+def gguf_quant_type(wildcards):
+    return wildcards.quant.removesuffix(NO_IMATRIX)
+
+
+def gguf_artifact(wildcards):
+    """The GGUF a bundle deploys: a quantized one, or the 16-bit conversion itself."""
+    qtype = gguf_quant_type(wildcards)
+    name = SIXTEEN_BIT.get(qtype, wildcards.quant)
+    return f"results/models/{wildcards.model}/{wildcards.revision}/gguf/{name}"
+
+
+def gguf_quantize_inputs(wildcards):
+    model = f"results/models/{wildcards.model}/{wildcards.revision}"
+    inputs = {"base": f"{model}/gguf/bf16", "checkpoint": f"{model}/checkpoint"}
+    if not wildcards.quant.endswith(NO_IMATRIX):
+        inputs["imatrix"] = f"{model}/gguf/imatrix"
+    return inputs
+
+
+def gguf_quantize_options(wildcards, input):
+    options = [f"--imatrix {input.imatrix}"] if "imatrix" in input.keys() else []
+    overrides = SETTINGS.gguf.tensor_types.get(gguf_quant_type(wildcards), [])
+    options += [f"--tensor-type '{override}'" for override in overrides]
+    return " ".join(options)
+
+
+def gguf_planned_flags(wildcards):
+    """llama-server flags the planner expects from the registry's figures ('auto' if unknown)."""
+    plan = planner.plan_from_registry(MODEL, TARGET, gguf_quant_type(wildcards))
+    return " ".join(plan.server_flags()) if plan else "auto"

@@ -3,6 +3,8 @@
 
 
 rule download:
+    input:
+        unpack(download_inputs),
     output:
         checkpoint=directory("results/models/{model}/{revision}/checkpoint"),
     log:

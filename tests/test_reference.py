@@ -8,6 +8,7 @@ import pytest
 from deepcast import manifest
 from deepcast.config import EvaluationSettings
 from deepcast.errors import DeepcastError
+from deepcast.perplexity import chunk_tokens
 from deepcast.stages import reference
 
 
@@ -18,9 +19,13 @@ def test_embedded_model_is_trained(reference_dir):
     assert figures["tokens_scored"] == 16 * 255
 
 
-def test_chunks_are_saved_for_later_validations(reference_dir):
+def test_chunks_are_saved_for_later_validations(reference_dir, checkpoint, corpus_dir):
+    from transformers import AutoTokenizer
+
     chunks = json.loads((reference_dir / "chunks.json").read_text())
-    assert len(chunks) == 16 and all(len(c) == 512 and c[0] == 0 for c in chunks)  # BOS first
+    tokens = AutoTokenizer.from_pretrained(checkpoint)((corpus_dir / "evaluation.txt").read_text())["input_ids"]
+    # DeepSeek-V3's tokenizer_config does not add BOS, so chunks are plain slices, as in llama-perplexity.
+    assert chunks == [tokens[i * 512 : (i + 1) * 512] for i in range(16)]
     record = manifest.read(reference_dir)
     assert record["results"]["perplexity"] == json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
     assert set(record["files"]) == {"chunks.json", "perplexity.json"}
@@ -32,3 +37,9 @@ def test_text_shorter_than_one_chunk_is_refused(checkpoint, tmp_path):
     with pytest.raises(DeepcastError, match="fewer than one 512-token chunk"):
         reference.run(checkpoint, text, tmp_path / "r", EvaluationSettings())
     assert not (tmp_path / "r").exists()
+
+
+def test_chunks_start_with_bos_when_the_tokenizer_adds_one():
+    tokens = [7, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert chunk_tokens(tokens, 7, 4, 10) == [[7, 11, 12, 13], [7, 15, 16, 17]]
+    assert chunk_tokens(tokens, None, 4, 1) == [[7, 11, 12, 13]]

@@ -85,6 +85,131 @@ def reference(checkpoint: Path, evaluation_text: Path, out: Path, raw: str) -> N
     _report(stage.run(checkpoint, evaluation_text, out, _settings(settings_module.EvaluationSettings, raw)))
 
 
+DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+OUT = click.Path(path_type=Path)
+
+
+def _threads(ctx, param, value: int | None) -> int:
+    import os
+
+    return value or os.cpu_count() or 1
+
+
+llama_cpp_option = click.option("--llama-cpp", help="A llama.cpp directory (default: the pinned build).")
+threads_option = click.option("--threads", type=int, callback=_threads, help="CPU threads (default: all).")
+
+
+@main.group()
+def gguf() -> None:
+    """The GGUF branch on llama.cpp's own tools."""
+
+
+def _llama(path: str | None):
+    from deepcast import tools as tools_module
+
+    return tools_module.locate(path)
+
+
+@gguf.command()
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--outtype", type=click.Choice(["bf16", "f16"]), required=True)
+@click.option("--out", type=OUT, required=True)
+@llama_cpp_option
+def convert(checkpoint: Path, outtype: str, out: Path, llama_cpp: str | None) -> None:
+    """Convert a checkpoint to a 16-bit GGUF with convert_hf_to_gguf.py."""
+    from deepcast.stages import gguf as stage
+
+    _report(stage.convert(checkpoint, out, outtype, _llama(llama_cpp)))
+
+
+@gguf.command()
+@click.option("--base", type=DIR, required=True, help="The 16-bit GGUF artifact.")
+@click.option("--calibration", type=DIR, required=True)
+@click.option("--context", type=int, default=512, show_default=True)
+@click.option("--out", type=OUT, required=True)
+@threads_option
+@llama_cpp_option
+def imatrix(base: Path, calibration: Path, context: int, out: Path, threads: int, llama_cpp: str | None) -> None:
+    """Importance matrix from the calibration set with llama-imatrix."""
+    from deepcast.stages import gguf as stage
+
+    _report(stage.imatrix(base, calibration, out, context, threads, _llama(llama_cpp)))
+
+
+@gguf.command()
+@click.option("--base", type=DIR, required=True, help="The 16-bit GGUF artifact.")
+@click.option("--type", "qtype", required=True, help="llama.cpp quant type, e.g. Q4_K_M.")
+@click.option("--imatrix", "imatrix_dir", type=DIR, help="The importance matrix artifact.")
+@click.option("--tensor-type", "tensor_types", multiple=True, help="regex=TYPE override (repeatable).")
+@click.option("--checkpoint", type=DIR, required=True, help="The checkpoint (for its config.json).")
+@click.option("--out", type=OUT, required=True)
+@threads_option
+@llama_cpp_option
+def quantize(base, qtype, imatrix_dir, tensor_types, checkpoint, out, threads, llama_cpp) -> None:
+    """Quantize the 16-bit GGUF with llama-quantize."""
+    from deepcast.stages import gguf as stage
+
+    _report(stage.quantize(base, out, qtype, imatrix_dir, list(tensor_types), checkpoint, threads, _llama(llama_cpp)))
+
+
+@gguf.command(name="kld-base")
+@click.option("--base", type=DIR, required=True)
+@click.option("--evaluation-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+@threads_option
+@llama_cpp_option
+def kld_base(base, evaluation_text, out, raw, threads, llama_cpp) -> None:
+    """The 16-bit GGUF's perplexity and saved logits (llama-perplexity --kl-divergence-base)."""
+    from deepcast.stages import gguf as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    _report(
+        stage.kld_base(
+            base, evaluation_text, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp)
+        )
+    )
+
+
+@gguf.command()
+@click.option("--artifact", type=DIR, required=True, help="The GGUF artifact to deploy.")
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--target", "target_name", required=True)
+@click.option("--type", "qtype", required=True)
+@click.option("--split-max-size", default="48G", show_default=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--expect-flags", default="auto", help="The flags planned from registry figures, for the record.")
+@llama_cpp_option
+def bundle(artifact, checkpoint, target_name, qtype, split_max_size, out, config_dir, expect_flags, llama_cpp):
+    """A llama-server bundle for a target: GGUF, launch script, config, README, checksums."""
+    from deepcast import registry
+    from deepcast.stages import gguf as stage
+
+    target = registry.load_target(config_dir, target_name)
+    _report(stage.bundle(artifact, checkpoint, target, out, qtype, split_max_size, expect_flags, _llama(llama_cpp)))
+
+
+@gguf.command(name="validate")
+@click.option("--bundle", "bundle_dir", type=DIR, required=True)
+@click.option("--kld-base", "kld_dir", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+@threads_option
+@llama_cpp_option
+def validate_gguf(bundle_dir, kld_dir, reference, out, raw, threads, llama_cpp) -> None:
+    """Perplexity and KL divergence against the 16-bit GGUF, and a llama-server smoke test."""
+    from deepcast.stages import gguf as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    _report(
+        stage.validate(
+            bundle_dir, kld_dir, reference, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp)
+        )
+    )
+
+
 @main.group(name="config")
 def config_group() -> None:
     """The typed configuration and its JSON schema."""
@@ -126,6 +251,31 @@ def install() -> None:
         with resources.as_file(source / name) as src, resources.as_file(target / name) as dest:
             shutil.copyfile(src, dest)
     click.echo(f"tokenizer installed in {target}")
+
+
+@main.group()
+def tools() -> None:
+    """External tools deepcast drives, at pinned versions."""
+
+
+@tools.command(name="install")
+@click.argument("tool", type=click.Choice(["llama.cpp"]))
+@click.option("--force", is_flag=True, help="Rebuild even if the cache has this version.")
+@click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
+def tools_install(tool: str, force: bool, jobs: int | None) -> None:
+    """Build llama.cpp's tools from the pinned source into the cache (once per version and backend)."""
+    from deepcast import tools as tools_module
+
+    tools_module.install(force=force, jobs=jobs, log=lambda line: click.echo(line, err=True))
+
+
+@tools.command(name="show")
+def tools_show() -> None:
+    """Where the llama.cpp build is and what it was built from."""
+    from deepcast import tools as tools_module
+
+    located = tools_module.locate()
+    _report({"root": str(located.root), **located.versions()})
 
 
 def run() -> None:

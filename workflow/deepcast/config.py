@@ -69,6 +69,34 @@ class EvaluationSettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the reference runs.")
 
 
+class GGUFSettings(Strict):
+    types: list[str] = Field(
+        default=["Q4_K_M"],
+        description="llama.cpp quant types to build for the target (Q4_K_M, Q8_0, Q5_K_M, Q6_K, IQ4_XS, "
+        "IQ2_XXS, IQ1_S, IQ1_M, ...). The imatrix-only low-bit types need imatrix: true.",
+    )
+    imatrix: bool = Field(default=True, description="Quantize with an importance matrix from the calibration set.")
+    controls: list[str] = Field(
+        default=[],
+        description="Types also quantized WITHOUT the imatrix, as a measured control (for example Q4_K_M).",
+    )
+    tensor_types: dict[str, list[str]] = Field(
+        default={},
+        description="Per quant type, llama-quantize --tensor-type overrides (regex=TYPE), for example "
+        "{IQ1_S: ['attn=Q6_K']}. Low-bit types get DeepSeek's dynamic-quant defaults when unset.",
+    )
+    split_max_size: str = Field(
+        default="48G", description="Bundles split the GGUF with llama-gguf-split above this size."
+    )
+
+
+class ToolsSettings(Strict):
+    llama_cpp: str | None = Field(
+        default=None,
+        description="A llama.cpp directory with bin/ and the source tree; default: the pinned build in the cache.",
+    )
+
+
 class Settings(Strict):
     target: str = Field(default="cpu", description="Hardware target: a file name under config/targets/.")
     model: str = Field(
@@ -78,6 +106,8 @@ class Settings(Strict):
     download: DownloadSettings = DownloadSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    gguf: GGUFSettings = GGUFSettings()
+    tools: ToolsSettings = ToolsSettings()
 
 
 def load(raw: dict) -> Settings:

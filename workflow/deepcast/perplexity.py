@@ -1,7 +1,7 @@
 """Perplexity the way llama-perplexity computes it, so HF and GGUF figures compare.
 
-The text is tokenized once with a leading BOS and cut into chunks of `n_ctx`
-tokens; each chunk starts with BOS and only its second half is scored, every
+The text is tokenized once (with BOS if the tokenizer adds one) and cut into
+chunks of `n_ctx` tokens; only the second half of each chunk is scored, every
 token there seeing at least n_ctx/2 tokens of context.
 """
 
@@ -25,11 +25,14 @@ class Perplexity:
         return asdict(self)
 
 
-def chunk_tokens(token_ids: list[int], bos_id: int | None, n_ctx: int, max_chunks: int) -> list[list[int]]:
-    """Chunks as llama-perplexity forms them; without a BOS token (Qwen) nothing is prepended."""
-    tokens = [bos_id, *token_ids] if bos_id is not None else list(token_ids)
+def chunk_tokens(tokens: list[int], bos_id: int | None, n_ctx: int, max_chunks: int) -> list[list[int]]:
+    """Chunks as llama-perplexity forms them from text tokenized with special tokens.
+
+    When the tokenizer adds BOS (`bos_id` given), every chunk starts with it; when it
+    does not (DeepSeek-V3's tokenizer_config, Qwen), chunks are plain slices.
+    """
     count = min(len(tokens) // n_ctx, max_chunks)
-    chunks = [tokens[i * n_ctx : (i + 1) * n_ctx] for i in range(count)]
+    chunks = [list(tokens[i * n_ctx : (i + 1) * n_ctx]) for i in range(count)]
     if bos_id is not None:
         for chunk in chunks:
             chunk[0] = bos_id

@@ -48,6 +48,52 @@ class Target(Strict):
     free_disk_gb: PositiveFloat
 
 
+class ModelShape(Strict):
+    """What memory arithmetic needs from config.json."""
+
+    layers: PositiveInt
+    hidden: PositiveInt
+    heads: PositiveInt
+    kv_heads: PositiveInt
+    head_dim: PositiveInt
+    kv_lora_rank: PositiveInt | None = None  # MLA (DeepSeek-V2/V3): the cached latent per token
+    qk_rope_head_dim: PositiveInt | None = None
+    routed_experts: int = Field(default=0, ge=0)
+    experts_per_token: int = Field(default=0, ge=0)
+    shared_experts: int = Field(default=0, ge=0)
+    first_dense_layers: int = Field(default=0, ge=0)
+    vocab: PositiveInt
+    max_context: PositiveInt
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.routed_experts > 0
+
+
+def shape_from_hf_config(config: dict) -> ModelShape:
+    """The shape of a transformers config.json (Qwen2/Llama GQA or DeepSeek MLA/MoE)."""
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("v_head_dim") or config.get("head_dim") or config["hidden_size"] // heads,
+        kv_lora_rank=config.get("kv_lora_rank"),
+        qk_rope_head_dim=config.get("qk_rope_head_dim"),
+        routed_experts=config.get("n_routed_experts") or 0,
+        experts_per_token=config.get("num_experts_per_tok") or 0,
+        shared_experts=config.get("n_shared_experts") or 0,
+        first_dense_layers=config.get("first_k_dense_replace") or 0,
+        vocab=config["vocab_size"],
+        max_context=config.get("max_position_embeddings") or 4096,
+    )
+
+
 class ModelEntry(Strict):
     name: str
     hub_id: str | None = None
@@ -57,6 +103,7 @@ class ModelEntry(Strict):
     native_dtype: Literal["bfloat16", "float16", "float8_e4m3fn", "float32"]
     parameters_b: PositiveFloat
     active_parameters_b: PositiveFloat
+    shape: ModelShape
 
 
 @dataclass(frozen=True)
@@ -67,6 +114,7 @@ class ModelRef:
     revision: str
     hub_id: str | None = None
     local_path: str | None = None
+    entry: ModelEntry | None = None  # None for a hub id or directory outside the registry
 
     @property
     def path_revision(self) -> str:
@@ -106,6 +154,19 @@ def load_target(config_dir: Path, name: str) -> Target:
     return target
 
 
+def target_digest(config_dir: Path, name: str) -> str:
+    """sha256 of a target's profile file, so editing it reruns only that target's steps."""
+    import hashlib
+
+    return hashlib.sha256((config_dir / "targets" / f"{name}.yaml").read_bytes()).hexdigest()[:16]
+
+
+def local_source_files(directory: str) -> list[str]:
+    """The files of a local model directory (hidden ones aside)."""
+    root = Path(directory)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def load_models(config_dir: Path) -> dict[str, ModelEntry]:
     return {p.stem: _load_yaml(p, ModelEntry) for p in sorted((config_dir / "models").glob("*.yaml"))}
 
@@ -119,8 +180,8 @@ def resolve_model(config_dir: Path, spec: str, repo_root: Path) -> ModelRef:
             revision = revision or entry.revision
             _check_revision(revision)
             if entry.source:
-                return ModelRef(entry.name, revision, local_path=str(repo_root / entry.source))
-            return ModelRef(entry.name, revision, hub_id=entry.hub_id)
+                return ModelRef(entry.name, revision, local_path=str(repo_root / entry.source), entry=entry)
+            return ModelRef(entry.name, revision, hub_id=entry.hub_id, entry=entry)
     local = Path(spec).expanduser()
     if "/" in spec and local.is_dir():
         return ModelRef(local.resolve().name.lower(), "local", local_path=str(local.resolve()))

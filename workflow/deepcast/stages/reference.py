@@ -36,8 +36,9 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
     recorder.input("evaluation_text", evaluation_text)
     text = evaluation_text.read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chunks = chunk_tokens(ids, tokenizer.bos_token_id, settings.context, settings.max_chunks)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    chunks = chunk_tokens(ids, tokenizer.bos_token_id if adds_bos else None, settings.context, settings.max_chunks)
     if not chunks:
         raise DeepcastError(
             f"{evaluation_text} has {len(ids)} tokens, fewer than one {settings.context}-token chunk. "

@@ -1,0 +1,144 @@
+# GGUF branch on llama.cpp's own tools. Shared per model revision: the 16-bit GGUF, the
+# importance matrix, the quantized GGUFs and the 16-bit logits for KL divergence.
+# Per target: the llama-server bundle and its validation.
+
+
+rule gguf_convert:
+    input:
+        checkpoint="results/models/{model}/{revision}/checkpoint",
+    output:
+        gguf=directory("results/models/{model}/{revision}/gguf/{dtype}"),
+    log:
+        "logs/{model}/{revision}/gguf_convert_{dtype}.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/gguf_convert_{dtype}.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    params:
+        llama_cpp=LLAMA_CPP_OPTION,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf convert --checkpoint {input.checkpoint} --outtype {wildcards.dtype}"
+        " --out {output.gguf} {params.llama_cpp} > {log} 2>&1"
+
+
+rule gguf_imatrix:
+    input:
+        base="results/models/{model}/{revision}/gguf/bf16",
+        calibration="results/models/{model}/{revision}/calibration",
+    output:
+        imatrix=directory("results/models/{model}/{revision}/gguf/imatrix"),
+    log:
+        "logs/{model}/{revision}/gguf_imatrix.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/gguf_imatrix.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    threads: workflow.cores
+    params:
+        context=SETTINGS.calibration.sequence_length,
+        llama_cpp=LLAMA_CPP_OPTION,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf imatrix --base {input.base} --calibration {input.calibration}"
+        " --context {params.context} --threads {threads} --out {output.imatrix}"
+        " {params.llama_cpp} > {log} 2>&1"
+
+
+rule gguf_quantize:
+    input:
+        unpack(gguf_quantize_inputs),
+    output:
+        gguf=directory("results/models/{model}/{revision}/gguf/{quant}"),
+    log:
+        "logs/{model}/{revision}/gguf_quantize_{quant}.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/gguf_quantize_{quant}.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    threads: workflow.cores
+    params:
+        qtype=gguf_quant_type,
+        options=gguf_quantize_options,
+        llama_cpp=LLAMA_CPP_OPTION,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf quantize --base {input.base} --checkpoint {input.checkpoint}"
+        " --type {params.qtype} {params.options} --threads {threads} --out {output.gguf}"
+        " {params.llama_cpp} > {log} 2>&1"
+
+
+rule gguf_kld_base:
+    input:
+        base="results/models/{model}/{revision}/gguf/bf16",
+        evaluation_text=f"{CORPUS_DIR}/evaluation.txt",
+    output:
+        kld_base=directory("results/models/{model}/{revision}/gguf/kld-base"),
+    log:
+        "logs/{model}/{revision}/gguf_kld_base.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/gguf_kld_base.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    threads: workflow.cores
+    params:
+        settings=stage_settings("evaluation"),
+        llama_cpp=LLAMA_CPP_OPTION,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf kld-base --base {input.base} --evaluation-text {input.evaluation_text}"
+        " --settings {params.settings:q} --threads {threads} --out {output.kld_base}"
+        " {params.llama_cpp} > {log} 2>&1"
+
+
+rule gguf_bundle:
+    input:
+        artifact=gguf_artifact,
+        checkpoint="results/models/{model}/{revision}/checkpoint",
+    output:
+        bundle=directory("results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/bundle"),
+    log:
+        "logs/{target}/{model}/{revision}/gguf_bundle_{quant}.log",
+    benchmark:
+        "benchmarks/{target}/{model}/{revision}/gguf_bundle_{quant}.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    params:
+        qtype=gguf_quant_type,
+        planned_flags=gguf_planned_flags,
+        split_max_size=SETTINGS.gguf.split_max_size,
+        config_dir=CONFIG_DIR,
+        llama_cpp=LLAMA_CPP_OPTION,
+        target=TARGET_PROFILE_DIGEST,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf bundle --artifact {input.artifact} --checkpoint {input.checkpoint}"
+        " --target {wildcards.target} --type {params.qtype} --split-max-size {params.split_max_size}"
+        " --config-dir {params.config_dir} --expect-flags {params.planned_flags:q}"
+        " --out {output.bundle} {params.llama_cpp} > {log} 2>&1"
+
+
+rule gguf_validate:
+    input:
+        bundle="results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/bundle",
+        kld_base="results/models/{model}/{revision}/gguf/kld-base",
+        reference="results/models/{model}/{revision}/reference",
+    output:
+        validation=directory(
+            "results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/validation"
+        ),
+    log:
+        "logs/{target}/{model}/{revision}/gguf_validate_{quant}.log",
+    benchmark:
+        "benchmarks/{target}/{model}/{revision}/gguf_validate_{quant}.tsv"
+    conda:
+        "../envs/llama-cpp.yaml"
+    threads: workflow.cores
+    params:
+        settings=stage_settings("evaluation"),
+        llama_cpp=LLAMA_CPP_OPTION,
+        code=fingerprint.of_stage("gguf"),
+    shell:
+        "deepcast gguf validate --bundle {input.bundle} --kld-base {input.kld_base}"
+        " --reference {input.reference} --settings {params.settings:q} --threads {threads}"
+        " --out {output.validation} {params.llama_cpp} > {log} 2>&1"

@@ -1,0 +1,224 @@
+"""GGUF branch: the real llama.cpp tools on the embedded model, bundles for several targets, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from deepcast import registry, tools
+from deepcast.config import EvaluationSettings
+from deepcast.errors import DeepcastError
+from deepcast.planner import plan_from_registry
+from deepcast.stages import gguf
+
+CONFIG = REPO / "config"
+EVALUATION = EvaluationSettings(max_chunks=16)  # the reference fixture's chunks
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tools.locate()
+
+
+@pytest.fixture(scope="session")
+def base(checkpoint, llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "bf16"
+    gguf.convert(checkpoint, out, "bf16", llama)
+    return out
+
+
+@pytest.fixture(scope="session")
+def imatrix(base, calibration, llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "imatrix"
+    gguf.imatrix(base, calibration, out, 512, 2, llama)
+    return out
+
+
+@pytest.fixture(scope="session")
+def kld_base(base, corpus_dir, llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "kld-base"
+    gguf.kld_base(base, corpus_dir / "evaluation.txt", out, EVALUATION.context, EVALUATION.max_chunks, 2, llama)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized(base, imatrix, checkpoint, llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    made = {}
+    for name, qtype, matrix in [
+        ("Q8_0", "Q8_0", imatrix),
+        ("Q4_K_M", "Q4_K_M", imatrix),
+        ("Q4_K_M-noimat", "Q4_K_M", None),
+    ]:
+        made[name] = root / name
+        gguf.quantize(base, made[name], qtype, matrix, [], checkpoint, 2, llama)
+    return made
+
+
+@pytest.fixture(scope="session")
+def validated(quantized, checkpoint, kld_base, reference_dir, llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("validated")
+    cpu = registry.load_target(CONFIG, "cpu")
+    results = {}
+    for name, artifact in quantized.items():
+        bundle = root / name / "bundle"
+        gguf.bundle(artifact, checkpoint, cpu, bundle, name.split("-")[0], "48G", "auto", llama)
+        results[name] = gguf.validate(
+            bundle,
+            kld_base,
+            reference_dir,
+            root / name / "validation",
+            EVALUATION.context,
+            EVALUATION.max_chunks,
+            2,
+            llama,
+        )
+    return results
+
+
+def test_conversion_is_faithful(kld_base, reference_dir):
+    hf = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    converted = json.loads((kld_base / "manifest.json").read_text())["results"]["perplexity"]
+    assert abs(converted / hf - 1) < 0.02, (converted, hf)
+
+
+def test_quality_bar(validated):
+    assert validated["Q8_0"]["perplexity_ratio_to_16bit"] < 1.01
+    assert validated["Q4_K_M"]["perplexity_ratio_to_16bit"] < 1.10
+    assert validated["Q4_K_M"]["kl_divergence"] < validated["Q4_K_M-noimat"]["kl_divergence"]
+
+
+def test_manifest_records_size_bits_and_tools(quantized):
+    record = json.loads((quantized["Q4_K_M"] / "manifest.json").read_text())
+    assert record["results"]["bits_per_weight"] < record["results"]["size_bytes"]
+    assert record["params"]["imatrix"] is True
+    assert record["params"]["llama.cpp"]["version"] == tools.VERSION
+    q8 = json.loads((quantized["Q8_0"] / "manifest.json").read_text())["results"]
+    assert q8["size_bytes"] > record["results"]["size_bytes"]
+
+
+def test_server_answered_and_stopped_cleanly(validated):
+    server = validated["Q4_K_M"]["server"]
+    assert server["completion"].strip() and server["exit_code"] == 0
+
+
+def test_launch_script_refuses_a_tampered_bundle(validated, tmp_path_factory):
+    bundle = next(tmp_path_factory.getbasetemp().glob("validated*/Q8_0/bundle"))
+    copy = tmp_path_factory.mktemp("tampered") / "bundle"
+    shutil.copytree(bundle, copy)
+    data = (copy / "model.gguf").read_bytes()
+    (copy / "model.gguf").unlink()
+    (copy / "model.gguf").write_bytes(data[:-10])
+    result = subprocess.run(
+        [copy / "launch.sh"], capture_output=True, text=True, env={**os.environ, "LLAMA_SERVER": "false"}
+    )
+    assert result.returncode == 3 and "refusing to start" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "target", "qtype", "expected"),
+    [
+        ("tiny-deepseek-v3", "cpu", "Q4_K_M", ["-ngl", "0", "-c", "2048", "-t", "2"]),
+        (
+            "deepseek-r1-distill-qwen-32b",
+            "4x2080ti",
+            "Q4_K_M",
+            ["-ngl", "65", "-c", "131072", "-t", "16", "--tensor-split", "1,1,1,1"],
+        ),
+        ("deepseek-r1-distill-qwen-7b", "h100", "Q8_0", ["-ngl", "29", "-c", "131072", "-t", "32"]),
+    ],
+)
+def test_bundle_flags_follow_the_target(model, target, qtype, expected):
+    ref = registry.resolve_model(CONFIG, model, REPO)
+    plan = plan_from_registry(ref, registry.load_target(CONFIG, target), qtype)
+    assert plan.server_flags() == expected
+
+
+def test_tiny_bundle_for_four_gpus_splits_across_them(quantized, checkpoint, llama, tmp_path):
+    target = registry.load_target(CONFIG, "4x2080ti")
+    out = tmp_path / "bundle"
+    gguf.bundle(quantized["Q4_K_M"], checkpoint, target, out, "Q4_K_M", "48G", "auto", llama)
+    launch = (out / "launch.sh").read_text()
+    assert "-ngl 5 -c 2048 -t 16 --tensor-split 1,1,1,1" in launch
+    assert "sha256sum --quiet --strict -c SHA256SUMS" in launch
+    assert "4x2080ti" in (out / "README.md").read_text()
+
+
+def test_truncated_gguf_is_refused(quantized, checkpoint, llama, tmp_path):
+    broken = tmp_path / "Q4_K_M"
+    shutil.copytree(quantized["Q4_K_M"], broken)
+    data = (broken / "model.gguf").read_bytes()
+    (broken / "model.gguf").write_bytes(data[: len(data) // 2])
+    target = registry.load_target(CONFIG, "cpu")
+    with pytest.raises(DeepcastError, match="corrupt or truncated.*Fix: delete"):
+        gguf.bundle(broken, checkpoint, target, tmp_path / "bundle", "Q4_K_M", "48G", "auto", llama)
+    assert not (tmp_path / "bundle").exists()
+    with pytest.raises(DeepcastError, match="not a readable GGUF"):
+        gguf.gguf_facts(broken / "model.gguf", llama)
+
+
+def test_unknown_quant_type_is_refused(base, checkpoint, llama, tmp_path):
+    with pytest.raises(DeepcastError, match="unknown quant type 'Q4_K_X'.*Fix: use one of .*Q4_K_M"):
+        gguf.quantize(base, tmp_path / "q", "Q4_K_X", None, [], checkpoint, 2, llama)
+    assert not (tmp_path / "q").exists()
+
+
+def test_low_bit_type_without_imatrix_is_refused(base, checkpoint, llama, tmp_path):
+    with pytest.raises(DeepcastError, match="IQ1_S needs an importance matrix"):
+        gguf.quantize(base, tmp_path / "q", "IQ1_S", None, [], checkpoint, 2, llama)
+
+
+def test_low_bit_types_keep_attention_and_dense_layers(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert gguf.default_tensor_types("IQ1_M", config) == ["attn_=Q6_K", "blk\\.(0)\\.ffn_=Q6_K"]
+    assert gguf.default_tensor_types("Q4_K_M", config) == []
+
+
+def test_missing_tool_binary_names_the_fix(llama, tmp_path):
+    partial = tmp_path / "llama.cpp"
+    (partial / "bin").mkdir(parents=True)
+    (partial / tools.STAMP).write_text(json.dumps(llama.stamp))
+    located = tools.locate(str(partial))
+    with pytest.raises(DeepcastError, match="llama-quantize is missing.*tools install llama.cpp --force"):
+        located.tool("llama-quantize")
+
+
+def test_cache_built_for_another_version_or_backend_is_refused(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPCAST_CACHE", str(tmp_path))
+    root = tools.install_dir(None)
+    root.mkdir(parents=True)
+    (root / tools.STAMP).write_text(json.dumps({**llama.stamp, "version": "0.0.1"}))
+    monkeypatch.setattr(tools, "cuda_architectures", lambda: None)
+    with pytest.raises(DeepcastError, match="built for 0.0.1/cpu, not .*tools install llama.cpp --force"):
+        tools.locate()
+    (root / tools.STAMP).write_text(json.dumps({**llama.stamp, "backend": "cuda-75"}))
+    with pytest.raises(DeepcastError, match="built for .*/cuda-75, not .*/cpu"):
+        tools.locate()
+
+
+def test_no_build_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPCAST_CACHE", str(tmp_path))
+    with pytest.raises(DeepcastError, match="is not built for this machine.*deepcast tools install llama.cpp"):
+        tools.locate()
+
+
+def test_conversion_restores_deepseek_v3_sigmoid_routing(checkpoint, llama, tmp_path):
+    stripped = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, stripped)
+    config = json.loads((stripped / "config.json").read_text())
+    for key in gguf.DEEPSEEK_V3_ROUTING:
+        config.pop(key)
+    (stripped / "config.json").write_text(json.dumps(config))
+    results = gguf.convert(stripped, tmp_path / "bf16", "bf16", llama)
+    assert results["config_keys_added"] == gguf.DEEPSEEK_V3_ROUTING
+    assert sorted(p.name for p in (tmp_path / "bf16").iterdir()) == ["manifest.json", "model.gguf"]
+    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
+    from gguf import ExpertGatingFuncType, GGUFReader
+
+    field = GGUFReader(tmp_path / "bf16" / "model.gguf").fields["deepseek2.expert_gating_func"]
+    assert int(field.parts[-1][0]) == ExpertGatingFuncType.SIGMOID

@@ -1,0 +1,504 @@
+"""GGUF branch on llama.cpp's own tools: convert, imatrix, quantize, KL base, bundle, validate.
+
+Shared per model revision: the 16-bit GGUF, the importance matrix, every quantized GGUF and the
+16-bit model's saved logits. Per target: the llama-server bundle and its validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from deepcast import planner
+from deepcast.errors import DeepcastError
+from deepcast.files import atomic_path, sha256_file
+from deepcast.manifest import Recorder, file_table, read
+from deepcast.registry import Target, shape_from_hf_config
+from deepcast.tools import LlamaCpp
+
+MODEL = "model.gguf"
+KLD_BASE = "base.kld"
+IMATRIX = "imatrix.gguf"
+SMOKE_PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+SIXTEEN_BIT = {"BF16": "bf16", "F16": "f16"}
+# DeepSeek's dynamic low-bit quants keep attention and the dense layers at higher precision.
+LOW_BIT = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS"}
+
+
+def run_tool(cmd: list, what: str, env: dict | None = None) -> str:
+    """Run one llama.cpp tool, echo its output to the log, fail with its last lines."""
+    print("$ " + " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", env=env)
+    sys.stderr.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
+        raise DeepcastError(f"{what} failed (exit {result.returncode}):\n{tail}")
+    return result.stdout + result.stderr
+
+
+def verified_gguf(directory: Path) -> Path:
+    """The GGUF of an artifact directory, after checking it against the artifact's manifest."""
+    path = directory / MODEL
+    try:
+        expected = read(directory)["files"][MODEL]["sha256"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise DeepcastError(
+            f"{directory} has no manifest entry for {MODEL}: it was not completed by deepcast. "
+            "Fix: delete it and rerun the stage that makes it."
+        ) from None
+    if not path.is_file() or sha256_file(path) != expected:
+        raise DeepcastError(
+            f"{path} is corrupt or truncated (its sha256 differs from the manifest's). "
+            f"Fix: delete {directory} and rerun (snakemake --forcerun the rule that made it)."
+        )
+    return path
+
+
+def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
+    """Parameter count, routed-expert share and bits per weight, read with the tree's own gguf-py."""
+    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, IndexError, OSError) as error:
+            raise DeepcastError(f"{path} is not a readable GGUF ({error}). Fix: rebuild it.") from None
+        elements = sum(int(t.n_elements) for t in reader.tensors)
+        expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    finally:
+        sys.path.remove(str(llama.root / "src" / "gguf-py"))
+    size = path.stat().st_size
+    return {
+        "size_bytes": size,
+        "parameters": elements,
+        "bits_per_weight": round(size * 8 / elements, 4),
+        "expert_share": round(expert_bytes / tensor_bytes, 4),
+    }
+
+
+# DeepSeek-V3 routes with sigmoid scores; transformers hard-codes that and does not keep
+# scoring_func in the configs it saves, while llama.cpp's converter falls back to V2's softmax
+# without it: a silently unfaithful GGUF. The converter gets the key the original config has.
+DEEPSEEK_V3_ROUTING = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+
+
+def converter_input(checkpoint: Path, staging: Path) -> tuple[Path, dict]:
+    """The checkpoint, or a view of it whose config.json states what the converter must know."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if "DeepseekV3ForCausalLM" not in config.get("architectures", []):
+        return checkpoint, {}
+    missing = {k: v for k, v in DEEPSEEK_V3_ROUTING.items() if k not in config}
+    if not missing:
+        return checkpoint, {}
+    staging.mkdir()
+    for path in checkpoint.iterdir():
+        if path.name != "config.json":
+            (staging / path.name).symlink_to(path.resolve())
+    (staging / "config.json").write_text(json.dumps({**config, **missing}, indent=2))
+    print(f"note: config.json lacks {sorted(missing)}; converting with {missing}", file=sys.stderr)
+    return staging, missing
+
+
+def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
+    recorder = Recorder("gguf_convert", {"outtype": outtype, "llama.cpp": llama.versions()})
+    recorder.input("checkpoint_manifest", checkpoint / "manifest.json")
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        source, added = converter_input(checkpoint, tmp / "checkpoint-view")
+        run_tool(
+            [sys.executable, llama.converter, source, "--outfile", tmp / MODEL, "--outtype", outtype],
+            "convert_hf_to_gguf.py",
+            env=llama.converter_env(),
+        )
+        if source != checkpoint:
+            shutil.rmtree(source)
+        recorder.results = {**gguf_facts(tmp / MODEL, llama), "config_keys_added": added}
+        recorder.write(tmp)
+    return recorder.results
+
+
+def imatrix(base: Path, calibration: Path, out: Path, context: int, threads: int, llama: LlamaCpp) -> dict:
+    model = verified_gguf(base)
+    recorder = Recorder("gguf_imatrix", {"context": context, "llama.cpp": llama.versions()})
+    recorder.input(MODEL, model)
+    recorder.input("samples.txt", calibration / "samples.txt")
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        output = run_tool(
+            [
+                llama.tool("llama-imatrix"),
+                "-m",
+                model,
+                "-f",
+                calibration / "samples.txt",
+                "-o",
+                tmp / IMATRIX,
+                "-c",
+                context,
+                "-t",
+                threads,
+                "--no-ppl",
+            ],
+            "llama-imatrix",
+        )
+        recorder.results = {"chunks": _last_int(r"compute_imatrix: computing over (\d+) chunks", output)}
+        recorder.write(tmp)
+    return recorder.results
+
+
+def known_types(llama: LlamaCpp) -> set[str]:
+    """The quant types this llama-quantize knows, from its own help text."""
+    result = subprocess.run([llama.tool("llama-quantize"), "--help"], capture_output=True, text=True)
+    return set(re.findall(r"^\s+\d+\s+or\s+([A-Z0-9_]+)\s+:", result.stdout + result.stderr, re.MULTILINE))
+
+
+def default_tensor_types(qtype: str, checkpoint_config: dict) -> list[str]:
+    """Dynamic low-bit DeepSeek quants: attention and the first dense layers at Q6_K."""
+    if qtype not in LOW_BIT:
+        return []
+    dense = checkpoint_config.get("first_k_dense_replace") or 0
+    overrides = ["attn_=Q6_K"]
+    if dense:
+        overrides.append(f"blk\\.({'|'.join(str(i) for i in range(dense))})\\.ffn_=Q6_K")
+    return overrides
+
+
+def check_quant_request(qtype: str, with_imatrix: bool, llama: LlamaCpp) -> None:
+    known = known_types(llama)
+    if qtype not in known:
+        raise DeepcastError(
+            f"unknown quant type {qtype!r} for llama.cpp {llama.stamp.get('version')}. "
+            f"Fix: use one of {', '.join(sorted(known))}."
+        )
+    if qtype in planner.NEEDS_IMATRIX and not with_imatrix:
+        raise DeepcastError(f"{qtype} needs an importance matrix. Fix: set gguf.imatrix: true or pick another type.")
+
+
+def quantize(
+    base: Path,
+    out: Path,
+    qtype: str,
+    imatrix_dir: Path | None,
+    tensor_types: list[str],
+    checkpoint: Path,
+    threads: int,
+    llama: LlamaCpp,
+) -> dict:
+    check_quant_request(qtype, imatrix_dir is not None, llama)
+    model = verified_gguf(base)
+    overrides = tensor_types or default_tensor_types(qtype, json.loads((checkpoint / "config.json").read_text()))
+    recorder = Recorder(
+        "gguf_quantize",
+        {"type": qtype, "imatrix": imatrix_dir is not None, "tensor_types": overrides, "llama.cpp": llama.versions()},
+    )
+    recorder.input(MODEL, model)
+    cmd = [llama.tool("llama-quantize")]
+    if imatrix_dir is not None:
+        recorder.input(IMATRIX, imatrix_dir / IMATRIX)
+        cmd += ["--imatrix", imatrix_dir / IMATRIX]
+    for override in overrides:
+        cmd += ["--tensor-type", override]
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        run_tool([*cmd, model, tmp / MODEL, qtype, threads], "llama-quantize")
+        recorder.results = gguf_facts(tmp / MODEL, llama)
+        recorder.write(tmp)
+    return recorder.results
+
+
+def kld_base(
+    base: Path, evaluation_text: Path, out: Path, context: int, chunks: int, threads: int, llama: LlamaCpp
+) -> dict:
+    """The 16-bit model's perplexity and its saved logits, the base of every KL divergence."""
+    model = verified_gguf(base)
+    recorder = Recorder("gguf_kld_base", {"context": context, "chunks": chunks, "llama.cpp": llama.versions()})
+    recorder.input(MODEL, model)
+    recorder.input("evaluation_text", evaluation_text)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        output = run_tool(
+            [
+                llama.tool("llama-perplexity"),
+                "-m",
+                model,
+                "-f",
+                evaluation_text,
+                "-c",
+                context,
+                "--chunks",
+                chunks,
+                "-t",
+                threads,
+                "--kl-divergence-base",
+                tmp / KLD_BASE,
+            ],
+            "llama-perplexity",
+        )
+        recorder.results = {"perplexity": _last_float(r"Final estimate: PPL = ([\d.]+)", output)}
+        recorder.write(tmp)
+    return recorder.results
+
+
+def plan_for(artifact: Path, checkpoint: Path, target: Target, llama: LlamaCpp) -> planner.LlamaCppPlan:
+    facts = gguf_facts(artifact / MODEL, llama)
+    shape = shape_from_hf_config(json.loads((checkpoint / "config.json").read_text()))
+    return planner.plan_llama_cpp(shape, target, facts["size_bytes"] / planner.GB, facts["expert_share"])
+
+
+LAUNCH = """#!/usr/bin/env bash
+# Start llama-server for {title}. Extra arguments go to llama-server (for example --host 0.0.0.0 --port 8080).
+# LLAMA_SERVER may name the llama-server binary; by default the one on PATH.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! sha256sum --quiet --strict -c SHA256SUMS; then
+    echo "bundle files do not match SHA256SUMS; refusing to start" >&2
+    exit 3
+fi
+exec "${{LLAMA_SERVER:-llama-server}}" -m {model} {flags} "$@"
+"""
+
+README = """# {title}
+
+Start: `./launch.sh` (serves http://127.0.0.1:8080; `./launch.sh --host 0.0.0.0 --port 8080` to expose it).
+It checks every file against `SHA256SUMS` first and refuses to start on a mismatch.
+Needs llama-server from llama.cpp {version} or later on PATH, or `LLAMA_SERVER=/path/to/llama-server`.
+
+| | |
+|---|---|
+| model | {model_name} @ {revision} |
+| quant | {qtype} ({bpw} bits per weight, {size_gb:.2f} GB) |
+| target | {target} |
+| flags | `{flags}` |
+| placement | {placement} |
+| GPU memory | {gpu_gb:.2f} GB per GPU at a {context}-token context |
+| system RAM | {ram_gb:.2f} GB |
+| KV cache | {kv} bytes per token (f16) |
+"""
+
+
+def bundle(
+    artifact: Path,
+    checkpoint: Path,
+    target: Target,
+    out: Path,
+    qtype: str,
+    split_max_size: str,
+    planned_flags: str,
+    llama: LlamaCpp,
+) -> dict:
+    """The plan is recomputed from the real GGUF; the registry-based plan is kept for comparison."""
+    model = verified_gguf(artifact)
+    plan = plan_for(artifact, checkpoint, target, llama)
+    if planned_flags not in ("auto", " ".join(plan.server_flags())):
+        print(
+            f"note: the real GGUF changes the planned flags {planned_flags!r} to {plan.server_flags()}", file=sys.stderr
+        )
+    facts = read(artifact)["results"]
+    download = read(checkpoint)
+    recorder = Recorder(
+        "gguf_bundle",
+        {
+            "target": target.name,
+            "type": qtype,
+            "split_max_size": split_max_size,
+            "plan": plan.as_dict(),
+            "planned_flags": planned_flags,
+        },
+    )
+    recorder.input(MODEL, model)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        if facts["size_bytes"] > _bytes(split_max_size):
+            run_tool(
+                [llama.tool("llama-gguf-split"), "--split", "--split-max-size", split_max_size, model, tmp / "model"],
+                "llama-gguf-split",
+            )
+            first = sorted(p.name for p in tmp.glob("model-*.gguf"))[0]
+        else:
+            _link_or_copy(model, tmp / MODEL)
+            first = MODEL
+        title = f"{download['results']['source']} {qtype} on {target.name}"
+        flags = " ".join(plan.server_flags())
+        (tmp / "launch.sh").write_text(LAUNCH.format(title=title, model=first, flags=flags))
+        (tmp / "launch.sh").chmod(0o755)
+        (tmp / "server.json").write_text(json.dumps({"model": first, **plan.as_dict()}, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            README.format(
+                title=title,
+                version=llama.stamp.get("version"),
+                model_name=download["results"]["source"],
+                revision=download["results"]["resolved_revision"],
+                qtype=qtype,
+                bpw=facts["bits_per_weight"],
+                size_gb=facts["size_bytes"] / planner.GB,
+                target=target.name,
+                flags=flags,
+                placement="; ".join(plan.notes),
+                gpu_gb=plan.gpu_memory_gb,
+                context=plan.context,
+                ram_gb=plan.system_memory_gb,
+                kv=plan.kv_bytes_per_token,
+            )
+        )
+        sums = file_table(tmp)
+        (tmp / "SHA256SUMS").write_text("".join(f"{v['sha256']}  {k}\n" for k, v in sums.items()))
+        recorder.results = {"server_flags": plan.server_flags(), "context": plan.context, "files": sorted(sums)}
+        recorder.write(tmp)
+    return recorder.results
+
+
+def validate(
+    bundle_dir: Path,
+    kld_dir: Path,
+    reference_dir: Path,
+    out: Path,
+    context: int,
+    chunks: int,
+    threads: int,
+    llama: LlamaCpp,
+) -> dict:
+    server = json.loads((bundle_dir / "server.json").read_text())
+    model = bundle_dir / server["model"]
+    check = subprocess.run(
+        ["sha256sum", "--quiet", "--strict", "-c", "SHA256SUMS"], cwd=bundle_dir, capture_output=True, text=True
+    )
+    if check.returncode != 0:
+        raise DeepcastError(
+            f"bundle {bundle_dir} does not match its SHA256SUMS:\n{check.stdout.strip()}\n"
+            "Fix: delete the bundle and rerun its rule."
+        )
+    recorder = Recorder("gguf_validate", {"context": context, "chunks": chunks})
+    recorder.input("SHA256SUMS", bundle_dir / "SHA256SUMS")
+    recorder.input(KLD_BASE, kld_dir / KLD_BASE)
+    output = run_tool(
+        [
+            llama.tool("llama-perplexity"),
+            "-m",
+            model,
+            "--kl-divergence-base",
+            kld_dir / KLD_BASE,
+            "--kl-divergence",
+            "-c",
+            context,
+            "--chunks",
+            chunks,
+            "-t",
+            threads,
+        ],
+        "llama-perplexity",
+    )
+    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    base_ppl = read(kld_dir)["results"]["perplexity"]
+    ppl = _last_float(r"Mean PPL\(Q\)\s+:\s+(-?[\d.]+)", output)
+    facts = read(bundle_dir)["params"]["plan"]
+    results = {
+        "perplexity": ppl,
+        "perplexity_16bit_gguf": base_ppl,
+        "perplexity_reference": reference,
+        "perplexity_ratio_to_16bit": round(ppl / base_ppl, 6),
+        "kl_divergence": _last_float(r"Mean\s+KLD:\s+(-?[\d.]+)", output),
+        "same_top_token_percent": _last_float(r"Same top p:\s+([\d.]+)", output),
+        "size_bytes": sum(p.stat().st_size for p in bundle_dir.glob("*.gguf")),
+        "weights_gb_planned": facts["weights_gb"],
+        "server": smoke_test(bundle_dir, llama),
+    }
+    # Load time: from starting the bundle's server to its first healthy answer.
+    results["load_time_s"] = results["server"]["ready_s"]
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "validation.json").write_text(json.dumps(results, indent=2) + "\n")
+        recorder.results = results
+        recorder.write(tmp)
+    return results
+
+
+def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
+    """Start the bundle's launch script on loopback, ask for one completion, stop it cleanly."""
+    port = _free_port()
+    env = {**os.environ, "LLAMA_SERVER": str(llama.tool("llama-server"))}
+    log = open(bundle_dir.parent / f".{bundle_dir.name}.server.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        [bundle_dir / "launch.sh", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        while not _healthy(url):
+            if process.poll() is not None:
+                raise DeepcastError(
+                    f"llama-server exited with {process.returncode} before it was ready; see {log.name}"
+                )
+            if time.monotonic() - started > timeout:
+                raise DeepcastError(f"llama-server was not ready within {timeout:.0f} s; see {log.name}")
+            time.sleep(0.5)
+        ready_s = time.monotonic() - started
+        body = json.dumps({"prompt": SMOKE_PROMPT, "n_predict": 16, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        content = answer.get("content", "")
+        if not content.strip():
+            raise DeepcastError(f"llama-server answered an empty completion: {answer}")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            code = process.wait()
+        log.close()
+    if code != 0:
+        raise DeepcastError(f"llama-server did not stop cleanly (exit {code}); see {log.name}")
+    return {"ready_s": round(ready_s, 2), "completion": content, "exit_code": code}
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMG]?)", size.upper()).groups()
+    return int(number) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[unit]
+
+
+def _last_float(pattern: str, text: str) -> float:
+    found = re.findall(pattern, text)
+    if not found:
+        raise DeepcastError(f"could not find {pattern!r} in the tool's output; see the log.")
+    return float(found[-1])
+
+
+def _last_int(pattern: str, text: str) -> int:
+    return int(_last_float(pattern, text))

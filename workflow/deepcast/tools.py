@@ -1,0 +1,194 @@
+"""llama.cpp at one pinned version: converter, gguf-py and the C++ tools from one source tree.
+
+The source is the llama-cpp-python sdist (pinned by version and sha256), which
+vendors the whole llama.cpp tree. `deepcast tools install llama.cpp` builds the
+needed tools with cmake into a per-version, per-backend cache directory outside
+the repository and never rebuilds what is cached. Users with their own build
+point `tools.llama_cpp` (or DEEPCAST_LLAMA_CPP) at a directory holding `bin/`
+and the source tree (`convert_hf_to_gguf.py`, `gguf-py/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepcast.errors import DeepcastError
+from deepcast.files import atomic_path, sha256_file
+
+PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VENDORED = f"llama_cpp_python-{VERSION}/vendor/llama.cpp"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server", "llama-gguf-split")
+STAMP = "build.json"
+ENV_OVERRIDE = "DEEPCAST_LLAMA_CPP"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEEPCAST_CACHE", Path.home() / ".cache" / "deepcast"))
+
+
+def cuda_architectures() -> str | None:
+    """The visible GPUs' architectures (e.g. "75;89") when nvcc and a GPU exist, else None (CPU build)."""
+    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+        return None
+    query = subprocess.run(
+        ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    caps = sorted({line.strip().replace(".", "") for line in query.stdout.splitlines() if line.strip()})
+    return ";".join(caps) if query.returncode == 0 and caps else None
+
+
+def backend_name(cuda_archs: str | None) -> str:
+    return f"cuda-{cuda_archs.replace(';', '-')}" if cuda_archs else "cpu"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """A located llama.cpp: its tools, its converter and what it was built from."""
+
+    root: Path
+    stamp: dict
+
+    def tool(self, name: str) -> Path:
+        path = self.root / "bin" / name
+        if not path.is_file():
+            raise DeepcastError(
+                f"llama.cpp tool {name} is missing from {self.root / 'bin'}. "
+                "Fix: run `deepcast tools install llama.cpp --force`, or point tools.llama_cpp at a full build."
+            )
+        return path
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "src" / "convert_hf_to_gguf.py"
+
+    def converter_env(self) -> dict[str, str]:
+        """The converter imports gguf-py from its own tree, never a different installed gguf."""
+        paths = [str(self.root / "src" / "gguf-py"), str(self.root / "src")]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+
+    def versions(self) -> dict:
+        return {k: self.stamp[k] for k in ("version", "sdist_sha256", "backend", "cmake_flags") if k in self.stamp}
+
+
+def install_dir(cuda_archs: str | None) -> Path:
+    return cache_root() / "llama.cpp" / f"{VERSION}-{backend_name(cuda_archs)}"
+
+
+def locate(configured: str | None = None) -> LlamaCpp:
+    """The configured llama.cpp, or the cached build of the pinned version for this machine."""
+    explicit = configured or os.environ.get(ENV_OVERRIDE)
+    root = Path(explicit).expanduser() if explicit else install_dir(cuda_architectures())
+    stamp_path = root / STAMP
+    if not stamp_path.is_file():
+        if explicit:
+            return LlamaCpp(root, {"version": "user-provided", "backend": "unknown"})
+        raise DeepcastError(
+            f"llama.cpp {VERSION} is not built for this machine ({root} has no {STAMP}). "
+            "Fix: run `deepcast tools install llama.cpp` (make install does it)."
+        )
+    stamp = json.loads(stamp_path.read_text())
+    expected = {"version": VERSION, "backend": backend_name(cuda_architectures())}
+    if not explicit and any(stamp.get(k) != v for k, v in expected.items()):
+        raise DeepcastError(
+            f"{root} was built for {stamp.get('version')}/{stamp.get('backend')}, not "
+            f"{expected['version']}/{expected['backend']}. Fix: run `deepcast tools install llama.cpp --force`."
+        )
+    return LlamaCpp(root, stamp)
+
+
+def _fetch_sdist(dest: Path) -> Path:
+    sdist = dest / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not sdist.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{PACKAGE}=={VERSION}",
+                "-d",
+                tmp,
+            ]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            found = list(Path(tmp).glob("*.tar.gz"))
+            if result.returncode != 0 or not found:
+                raise DeepcastError(
+                    f"could not download {PACKAGE}=={VERSION}: {result.stderr.strip()[-300:]}. "
+                    f"Fix: make the package registry reachable, or put the sdist at {sdist}."
+                )
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.move(found[0], sdist)
+    actual = sha256_file(sdist)
+    if actual != SDIST_SHA256:
+        sdist.unlink()
+        raise DeepcastError(f"{sdist.name} has sha256 {actual}, expected {SDIST_SHA256}; deleted. Fix: rerun.")
+    return sdist
+
+
+def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp:
+    cuda_archs = cuda_architectures()
+    root = install_dir(cuda_archs)
+    if (root / STAMP).is_file() and not force:
+        log(f"llama.cpp {VERSION} ({backend_name(cuda_archs)}) already built in {root}")
+        return locate()
+    sdist = _fetch_sdist(cache_root() / "downloads")
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+        f"-DGGML_CUDA={'ON' if cuda_archs else 'OFF'}",
+        *([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}"] if cuda_archs else []),
+    ]
+    with atomic_path(root) as tmp:
+        tmp.mkdir(parents=True)
+        log(f"extracting {sdist.name}")
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(VENDORED + "/")]
+            for member in members:
+                member.name = member.name[len(VENDORED) + 1 :]
+            archive.extractall(tmp / "src", members=members, filter="data")
+        build = tmp / "build"
+        run = lambda cmd: _run(cmd, log)  # noqa: E731
+        run(["cmake", "-S", str(tmp / "src"), "-B", str(build), *flags])
+        run(["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
+        (tmp / "bin").mkdir()
+        for tool in TOOLS:
+            shutil.copy2(build / "bin" / tool, tmp / "bin" / tool)
+        shutil.rmtree(build)
+        stamp = {
+            "package": PACKAGE,
+            "version": VERSION,
+            "sdist_sha256": SDIST_SHA256,
+            "backend": backend_name(cuda_archs),
+            "cmake_flags": flags,
+            "machine": platform.machine(),
+        }
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    log(f"llama.cpp {VERSION} built in {root}")
+    return locate()
+
+
+def _run(cmd: list[str], log) -> None:
+    log("$ " + " ".join(cmd))
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise DeepcastError(f"`{' '.join(cmd[:3])} ...` failed (exit {result.returncode}); see the output above.")
