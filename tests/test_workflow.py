@@ -67,6 +67,34 @@ def test_dry_run_for_a_hub_model_needs_no_network():
         assert f"rule {rule}:" in result.stdout
 
 
+def dry_run(*config: str) -> str:
+    offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--config", *config],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **offline},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_dry_run_of_the_gguf_branch_on_four_turing_gpus():
+    out = dry_run("target=4x2080ti", "model=deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
+    for rule in ("gguf_convert", "gguf_imatrix", "gguf_quantize", "gguf_kld_base", "gguf_bundle", "gguf_validate"):
+        assert f"rule {rule}:" in out
+    assert "--expect-flags '-ngl 65 -c 131072 -t 16 --tensor-split 1,1,1,1'" in out
+    assert "results/targets/4x2080ti/deepseek-r1-distill-qwen-32b/main/llama.cpp/Q4_K_M/bundle" in out
+
+
+def test_sixteen_bit_deploys_as_f16_on_turing_and_bf16_elsewhere():
+    turing = dry_run("target=4x2080ti", "gguf={types: [BF16]}")
+    assert "gguf/f16" in turing and "llama.cpp/F16/bundle" in turing and "rule gguf_quantize:" not in turing
+    hopper = dry_run("target=h100", "gguf={types: [BF16]}")
+    assert "llama.cpp/BF16/bundle" in hopper and "gguf/f16" not in hopper
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
