@@ -13,12 +13,12 @@ from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 from deepcast.stages.gguf import SIXTEEN_BIT
 
+CONFIG_DIR = str(Path(workflow.basedir) / "config")
+
 try:
     SETTINGS = deepcast_config.load(config)
-    TARGET = registry.load_target(Path(workflow.basedir) / "config", SETTINGS.target)
-    MODEL = registry.resolve_model(
-        Path(workflow.basedir) / "config", SETTINGS.model, Path(workflow.basedir)
-    )
+    TARGET = registry.load_target(Path(CONFIG_DIR), SETTINGS.target)
+    MODEL = registry.resolve_model(Path(CONFIG_DIR), SETTINGS.model, Path(workflow.basedir))
     CALIBRATION_FILE = deepcast_config.calibration_source_file(SETTINGS.calibration)
 except DeepcastError as error:
     raise WorkflowError(f"deepcast: {error}") from None
@@ -29,7 +29,6 @@ config.update(SETTINGS.model_dump())
 validate(config, "../workflow/schemas/config.schema.json")
 
 CORPUS_DIR = f"results/corpus/{SHAKESPEARE.name}"
-CONFIG_DIR = str(Path(workflow.basedir) / "config")
 # A change to the target's profile reruns only the steps that read it.
 TARGET_PROFILE_DIGEST = registry.target_digest(Path(CONFIG_DIR), TARGET.name)
 LLAMA_CPP_OPTION = f"--llama-cpp {SETTINGS.tools.llama_cpp}" if SETTINGS.tools.llama_cpp else ""
