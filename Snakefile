@@ -19,6 +19,7 @@ include: "rules/download.smk"
 include: "rules/calibrate.smk"
 include: "rules/reference.smk"
 include: "rules/gguf.smk"
+include: "rules/compress.smk"
 
 
 rule all:
@@ -28,3 +29,4 @@ rule all:
         calibration=calibration_dir(),
         reference=reference_dir(),
         gguf=gguf_outputs(),
+        compressed=compress_outputs(),

@@ -11,6 +11,7 @@ from deepcast import planner
 from deepcast import registry
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
+from deepcast.stages.compress import SCHEMES as COMPRESS_SCHEMES
 from deepcast.stages.gguf import SIXTEEN_BIT
 
 CONFIG_DIR = str(Path(workflow.basedir) / "config")
@@ -41,6 +42,7 @@ wildcard_constraints:
     target=TARGET.name,
     dtype="bf16|f16",
     quant="[A-Z0-9_]+(-noimat)?",
+    scheme="|".join(COMPRESS_SCHEMES),
 
 
 def model_dir():
@@ -137,3 +139,38 @@ def gguf_planned_flags(wildcards):
     """llama-server flags the planner expects from the registry's figures ('auto' if unknown)."""
     plan = planner.plan_from_registry(MODEL, TARGET, gguf_quant_type(wildcards))
     return " ".join(plan.server_flags()) if plan else "auto"
+
+
+def compress_schemes():
+    """The configured schemes whose kernels this target has; each refusal is printed with its reason."""
+    wanted = list(dict.fromkeys(SETTINGS.compress.schemes + SETTINGS.compress.controls))
+    runnable = []
+    for scheme in wanted:
+        reason = planner.compress_refusal(scheme, TARGET)
+        if reason:
+            logger.warning(f"deepcast plan: {scheme} refused for target {TARGET.name}: {reason}")
+        else:
+            runnable.append(scheme)
+    return runnable
+
+
+def compress_outputs():
+    """Validated bundles where the checkpoint fits the target; the checkpoint alone where it does not."""
+    outputs = []
+    for scheme in compress_schemes():
+        reason = planner.compress_refusal(scheme, TARGET, MODEL.entry)
+        if reason:
+            logger.warning(
+                f"deepcast plan: {scheme} is built but not bundled for {TARGET.name}: {reason}"
+            )
+            outputs.append(f"{model_dir()}/compressed/{scheme}")
+        else:
+            target_dir = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
+            outputs.append(f"{target_dir}/vllm/{scheme}/validation")
+    return outputs
+
+
+def compress_recipe(wildcards):
+    return SETTINGS.compress.recipes.get(
+        wildcards.scheme, f"{CONFIG_DIR}/recipes/{wildcards.scheme}.yaml"
+    )

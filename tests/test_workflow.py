@@ -15,6 +15,10 @@ from deepcast import manifest
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 MODEL_DIR = "results/models/tiny-deepseek-v3/v1"
+# The rules call `deepcast`: the venv's bin must be on PATH, as `make` puts it.
+ENV = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+# Every stage runs, on fewer samples and one compressed scheme (tests/test_compress.py covers the others).
+QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}"]
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -22,22 +26,25 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.
         [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**ENV, **(env or {})},
     )
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("run")
-    result = snakemake(workdir)
+    result = snakemake(workdir, "--config", *QUICK)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
-def test_default_run_leaves_checkpoint_calibration_and_reference(default_run):
-    for artifact in ("checkpoint", "calibration", "reference"):
+def test_default_run_leaves_every_artifact_with_its_manifest(default_run):
+    for artifact in ("checkpoint", "calibration", "reference", "gguf/bf16", "gguf/Q4_K_M", "compressed/gptq-w4a16"):
         record = manifest.read(default_run / MODEL_DIR / artifact)
         assert record["files"] and record["tools"]["torch"]
+    target = default_run / "results/targets/cpu/tiny-deepseek-v3/v1"
+    for validation in ("llama.cpp/Q4_K_M/validation", "vllm/gptq-w4a16/validation"):
+        assert manifest.read(target / validation)["results"]["perplexity"] > 0
     perplexity = json.loads((default_run / MODEL_DIR / "reference" / "perplexity.json").read_text())
     assert perplexity["perplexity"] <= 200
     assert (default_run / "logs/tiny-deepseek-v3/v1/download.log").exists()
@@ -45,7 +52,7 @@ def test_default_run_leaves_checkpoint_calibration_and_reference(default_run):
 
 def test_second_run_does_nothing_and_says_so(default_run):
     started = time.monotonic()
-    result = snakemake(default_run)
+    result = snakemake(default_run, "--config", *QUICK)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
     assert time.monotonic() - started < 30
@@ -58,7 +65,7 @@ def test_dry_run_for_a_hub_model_needs_no_network():
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, **offline},
+        env={**ENV, **offline},
     )
     assert result.returncode == 0, result.stderr
     assert "results/models/deepseek-r1-distill-qwen-7b/main/checkpoint" in result.stdout
@@ -74,7 +81,7 @@ def dry_run(*config: str) -> str:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, **offline},
+        env={**ENV, **offline},
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -93,6 +100,21 @@ def test_sixteen_bit_deploys_as_f16_on_turing_and_bf16_elsewhere():
     assert "gguf/f16" in turing and "llama.cpp/F16/bundle" in turing and "rule gguf_quantize:" not in turing
     hopper = dry_run("target=h100", "gguf={types: [BF16]}")
     assert "llama.cpp/BF16/bundle" in hopper and "gguf/f16" not in hopper
+
+
+def test_fp8_is_planned_on_hopper_and_refused_on_turing_with_its_reason():
+    hopper = dry_run("target=h100", "model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B")
+    assert "--scheme fp8" in hopper
+    turing = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--config", "target=4x2080ti", "model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B"],
+        capture_output=True, text=True, cwd=REPO, env=ENV,
+    )  # fmt: skip
+    assert "--scheme fp8" not in turing.stdout
+    said = turing.stdout + turing.stderr
+    assert "fp8 refused for target 4x2080ti: FP8 tensor cores need compute capability 8.9" in said
+    # 70 GB of int8 weights leave no room for a KV cache on 4 x 22 GB: built, not bundled.
+    assert "int8-w8a8 is built but not bundled for 4x2080ti: 72.7 GB of weights do not fit" in said
+    assert "vllm/int8-w8a8/bundle" not in turing.stdout and "--scheme int8-w8a8" in turing.stdout
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,57 @@ def validate_gguf(bundle_dir, kld_dir, reference, out, raw, threads, llama_cpp) 
     )
 
 
+@main.group()
+def compress() -> None:
+    """llm-compressor schemes to compressed-tensors checkpoints, vLLM bundles and their validation."""
+
+
+@compress.command(name="run")
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--calibration", type=DIR, required=True)
+@click.option("--scheme", required=True)
+@click.option("--recipe", type=click.Path(path_type=Path), required=True)
+@click.option("--target", "target_name", help="Refuse schemes this target cannot run (default: no check).")
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--out", type=OUT, required=True)
+def compress_run(checkpoint, calibration, scheme, recipe, target_name, config_dir, out) -> None:
+    """Quantize with llm-compressor's oneshot on the shared calibration set."""
+    from deepcast import registry
+    from deepcast.stages import compress as stage
+
+    target = registry.load_target(config_dir, target_name) if target_name else None
+    _report(stage.run(checkpoint, calibration, out, scheme, recipe, target))
+
+
+@compress.command(name="bundle")
+@click.option("--artifact", type=DIR, required=True)
+@click.option("--scheme", required=True)
+@click.option("--target", "target_name", required=True)
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--out", type=OUT, required=True)
+def compress_bundle(artifact, scheme, target_name, config_dir, out) -> None:
+    """A vLLM bundle with the target's flags."""
+    from deepcast import registry
+    from deepcast.stages import compress as stage
+
+    _report(stage.bundle(artifact, registry.load_target(config_dir, target_name), out, scheme))
+
+
+@compress.command(name="validate")
+@click.option("--bundle", "bundle_dir", type=DIR, required=True)
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True)
+@click.option("--scheme", required=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw) -> None:
+    """Layout vLLM expects, perplexity on the reference tokens, and vLLM serving where possible."""
+    from deepcast.stages import compress as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size))
+
+
 @main.group(name="config")
 def config_group() -> None:
     """The typed configuration and its JSON schema."""

@@ -90,6 +90,20 @@ class GGUFSettings(Strict):
     )
 
 
+class CompressSettings(Strict):
+    schemes: list[str] = Field(
+        default=["gptq-w4a16", "awq-w4a16", "int8-w8a8", "fp8"],
+        description="llm-compressor schemes built for the target (gptq-w4a16, awq-w4a16, int8-w8a8, fp8); "
+        "the plan drops the ones the target cannot run and says why.",
+    )
+    controls: list[str] = Field(
+        default=[], description="Schemes built as measured controls, e.g. rtn-w4a16 (round to nearest)."
+    )
+    recipes: dict[str, str] = Field(
+        default={}, description="Per scheme, a recipe YAML replacing config/recipes/<scheme>.yaml."
+    )
+
+
 class ToolsSettings(Strict):
     llama_cpp: str | None = Field(
         default=None,
@@ -107,6 +121,7 @@ class Settings(Strict):
     calibration: CalibrationSettings = CalibrationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     gguf: GGUFSettings = GGUFSettings()
+    compress: CompressSettings = CompressSettings()
     tools: ToolsSettings = ToolsSettings()
 
 

@@ -44,3 +44,40 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         remove(tmp)
+
+
+CHECKSUMS = "SHA256SUMS"
+
+
+def write_checksums(directory: Path) -> dict[str, str]:
+    """SHA256SUMS for every file of a bundle, in the format `sha256sum -c` reads."""
+    sums = {
+        path.relative_to(directory).as_posix(): sha256_file(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != CHECKSUMS
+    }
+    (directory / CHECKSUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    return sums
+
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    """A hard link where the filesystem allows one (no second copy of the weights), else a copy."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def verify_checksums(directory: Path) -> None:
+    """Check a bundle against its SHA256SUMS, as its launch script does before starting."""
+    import subprocess
+
+    from deepcast.errors import DeepcastError
+
+    check = subprocess.run(["sha256sum", "--quiet", "--strict", "-c", CHECKSUMS], cwd=directory,
+                           capture_output=True, text=True)  # fmt: skip
+    if check.returncode != 0:
+        raise DeepcastError(
+            f"bundle {directory} does not match its {CHECKSUMS}:\n{(check.stdout + check.stderr).strip()}\n"
+            "Fix: delete the bundle and rerun its rule."
+        )

@@ -200,3 +200,114 @@ def plan_from_registry(model, target: Target, qtype: str) -> LlamaCppPlan | None
     entry = model.entry
     weights_gb = entry.parameters_b * 1e9 * GGUF_BITS_PER_WEIGHT.get(qtype, 16.0) / 8 / GB
     return plan_llama_cpp(entry.shape, target, weights_gb, expert_share(entry))
+
+
+# compressed-tensors bits per quantized Linear weight: 4-bit values plus one 16-bit scale per group
+# of 128 (W4A16); 8-bit values plus one scale per output channel (W8A8, FP8). Embeddings, norms and
+# routers stay 16-bit.
+COMPRESSED_BITS = {"gptq-w4a16": 4 + 16 / 128, "awq-w4a16": 4 + 16 / 128, "rtn-w4a16": 4 + 16 / 128,
+                   "int8-w8a8": 8.0, "fp8": 8.0}  # fmt: skip
+VLLM_GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default --gpu-memory-utilization
+VLLM_RESERVE_GB = 2.0  # [D] per GPU: profiled activations, CUDA graphs, NCCL buffers
+
+
+def compressed_weights_gb(shape: ModelShape, parameters_b: float, scheme: str) -> float:
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    linear = parameters_b * 1e9 - embeddings
+    return (linear * COMPRESSED_BITS[scheme] / 8 + embeddings * 2) / GB
+
+
+@dataclass
+class VllmPlan:
+    """vllm serve flags for one compressed checkpoint on one target, with the arithmetic behind them."""
+
+    engine: str
+    tensor_parallel: int
+    pipeline_parallel: int
+    dtype: str
+    max_model_len: int
+    weights_gb: float
+    kv_bytes_per_token: int
+    gpu_memory_gb: float
+    notes: list[str] = field(default_factory=list)
+
+    def serve_flags(self) -> list[str]:
+        flags = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
+        if self.tensor_parallel > 1:
+            flags += ["--tensor-parallel-size", str(self.tensor_parallel)]
+        if self.pipeline_parallel > 1:
+            flags += ["--pipeline-parallel-size", str(self.pipeline_parallel)]
+        return flags
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "serve_flags": self.serve_flags()}
+
+
+def plan_vllm(shape: ModelShape, target: Target, weights_gb: float) -> VllmPlan:
+    """Tensor parallel over NVLink or PCIe peer-to-peer, pipeline parallel without it (4090s, 2080 Tis);
+    the context is what the KV cache can hold after the weights."""
+    kv = kv_bytes_per_token(shape)
+    if target.gpu is None:
+        ram = target.system_ram_gb * USABLE_FRACTION - CPU_RUNTIME_OVERHEAD_GB
+        length = min(shape.max_context, int((ram - weights_gb) * GB / kv))
+        _require(length >= min(MIN_CONTEXT, shape.max_context), weights_gb, ram, "system RAM", target)
+        return VllmPlan(
+            "vllm-cpu",
+            1,
+            1,
+            "bfloat16",
+            length,
+            weights_gb,
+            kv,
+            0.0,
+            ["vLLM's CPU backend; transformers also loads it (compressed-tensors decompresses on CPU)"],
+        )
+    gpu = target.gpu
+    peer_to_peer = gpu.interconnect in ("nvlink", "pcie-p2p")
+    tp, pp = (gpu.count, 1) if peer_to_peer else (1, gpu.count)
+    if tp > 1 and shape.heads % tp:
+        tp, pp = 1, gpu.count
+    budget = gpu.count * (gpu.memory_gb * VLLM_GPU_MEMORY_UTILIZATION - VLLM_RESERVE_GB) - weights_gb
+    length = min(shape.max_context, int(max(budget, 0) * GB / kv))
+    _require(
+        length >= min(MIN_CONTEXT, shape.max_context),
+        weights_gb,
+        gpu.count * (gpu.memory_gb * VLLM_GPU_MEMORY_UTILIZATION - VLLM_RESERVE_GB),
+        "GPU memory",
+        target,
+    )
+    notes = [
+        f"tensor parallel over {tp} GPUs"
+        if tp > 1
+        else f"pipeline parallel over {pp} GPUs (no peer-to-peer link)"
+        if pp > 1
+        else "one GPU"
+    ]
+    return VllmPlan(
+        "vllm",
+        tp,
+        pp,
+        "bfloat16" if gpu.bf16 else "float16",
+        length,
+        weights_gb,
+        kv,
+        (weights_gb + length * kv / GB) / gpu.count,
+        notes,
+    )
+
+
+def compress_refusal(scheme: str, target: Target, entry=None) -> str | None:
+    """Why a compressed-tensors scheme cannot run on a target (or, given a registry entry, does not fit)."""
+    from deepcast.stages.compress import SCHEMES
+
+    needed = SCHEMES[scheme].min_compute_capability
+    capability = target.gpu.compute_capability if target.gpu else None
+    if needed is not None and (capability is None or capability < needed):
+        have = f"compute capability {capability}" if capability else "no GPU"
+        return f"FP8 tensor cores need compute capability {needed} or newer; the target has {have}"
+    if entry is not None:
+        try:
+            plan_vllm(entry.shape, target, compressed_weights_gb(entry.shape, entry.parameters_b, scheme))
+        except DeepcastError as error:
+            return str(error)
+    return None

@@ -64,6 +64,7 @@ class ModelShape(Strict):
     first_dense_layers: int = Field(default=0, ge=0)
     vocab: PositiveInt
     max_context: PositiveInt
+    tied_embeddings: bool = False
 
     @property
     def is_mla(self) -> bool:
@@ -91,6 +92,7 @@ def shape_from_hf_config(config: dict) -> ModelShape:
         first_dense_layers=config.get("first_k_dense_replace") or 0,
         vocab=config["vocab_size"],
         max_context=config.get("max_position_embeddings") or 4096,
+        tied_embeddings=bool(config.get("tie_word_embeddings")),
     )
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from deepcast import planner
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path, sha256_file
-from deepcast.manifest import Recorder, file_table, read
+from deepcast.files import atomic_path, link_or_copy, sha256_file, verify_checksums, write_checksums
+from deepcast.manifest import Recorder, read
 from deepcast.registry import Target, shape_from_hf_config
 from deepcast.tools import LlamaCpp
 
@@ -326,7 +326,7 @@ def bundle(
             )
             first = sorted(p.name for p in tmp.glob("model-*.gguf"))[0]
         else:
-            _link_or_copy(model, tmp / MODEL)
+            link_or_copy(model, tmp / MODEL)
             first = MODEL
         title = f"{download['results']['source']} {qtype} on {target.name}"
         flags = " ".join(plan.server_flags())
@@ -351,8 +351,7 @@ def bundle(
                 kv=plan.kv_bytes_per_token,
             )
         )
-        sums = file_table(tmp)
-        (tmp / "SHA256SUMS").write_text("".join(f"{v['sha256']}  {k}\n" for k, v in sums.items()))
+        sums = write_checksums(tmp)
         recorder.results = {"server_flags": plan.server_flags(), "context": plan.context, "files": sorted(sums)}
         recorder.write(tmp)
     return recorder.results
@@ -370,14 +369,7 @@ def validate(
 ) -> dict:
     server = json.loads((bundle_dir / "server.json").read_text())
     model = bundle_dir / server["model"]
-    check = subprocess.run(
-        ["sha256sum", "--quiet", "--strict", "-c", "SHA256SUMS"], cwd=bundle_dir, capture_output=True, text=True
-    )
-    if check.returncode != 0:
-        raise DeepcastError(
-            f"bundle {bundle_dir} does not match its SHA256SUMS:\n{check.stdout.strip()}\n"
-            "Fix: delete the bundle and rerun its rule."
-        )
+    verify_checksums(bundle_dir)
     recorder = Recorder("gguf_validate", {"context": context, "chunks": chunks})
     recorder.input("SHA256SUMS", bundle_dir / "SHA256SUMS")
     recorder.input(KLD_BASE, kld_dir / KLD_BASE)
@@ -479,13 +471,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
 
 
 def _bytes(size: str) -> int:

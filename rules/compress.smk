@@ -1,0 +1,67 @@
+# llm-compressor schemes: compressed-tensors checkpoints shared per model revision, and per target
+# a vLLM bundle and its validation.
+
+
+rule compress:
+    input:
+        checkpoint="results/models/{model}/{revision}/checkpoint",
+        calibration="results/models/{model}/{revision}/calibration",
+        recipe=compress_recipe,
+    output:
+        compressed=directory("results/models/{model}/{revision}/compressed/{scheme}"),
+    log:
+        "logs/{model}/{revision}/compress_{scheme}.log",
+    benchmark:
+        "benchmarks/{model}/{revision}/compress_{scheme}.tsv"
+    conda:
+        "../envs/llm-compressor.yaml"
+    threads: workflow.cores
+    params:
+        code=fingerprint.of_stage("compress"),
+    shell:
+        "deepcast compress run --checkpoint {input.checkpoint} --calibration {input.calibration}"
+        " --scheme {wildcards.scheme} --recipe {input.recipe} --out {output.compressed} > {log} 2>&1"
+
+
+rule vllm_bundle:
+    input:
+        compressed="results/models/{model}/{revision}/compressed/{scheme}",
+    output:
+        bundle=directory("results/targets/{target}/{model}/{revision}/vllm/{scheme}/bundle"),
+    log:
+        "logs/{target}/{model}/{revision}/vllm_bundle_{scheme}.log",
+    benchmark:
+        "benchmarks/{target}/{model}/{revision}/vllm_bundle_{scheme}.tsv"
+    conda:
+        "../envs/llm-compressor.yaml"
+    params:
+        config_dir=CONFIG_DIR,
+        target=TARGET_PROFILE_DIGEST,
+        code=fingerprint.of_stage("compress"),
+    shell:
+        "deepcast compress bundle --artifact {input.compressed} --scheme {wildcards.scheme}"
+        " --target {wildcards.target} --config-dir {params.config_dir} --out {output.bundle}"
+        " > {log} 2>&1"
+
+
+rule vllm_validate:
+    input:
+        bundle="results/targets/{target}/{model}/{revision}/vllm/{scheme}/bundle",
+        checkpoint="results/models/{model}/{revision}/checkpoint",
+        reference="results/models/{model}/{revision}/reference",
+    output:
+        validation=directory("results/targets/{target}/{model}/{revision}/vllm/{scheme}/validation"),
+    log:
+        "logs/{target}/{model}/{revision}/vllm_validate_{scheme}.log",
+    benchmark:
+        "benchmarks/{target}/{model}/{revision}/vllm_validate_{scheme}.tsv"
+    conda:
+        "../envs/llm-compressor.yaml"
+    threads: workflow.cores
+    params:
+        settings=stage_settings("evaluation"),
+        code=fingerprint.of_stage("compress"),
+    shell:
+        "deepcast compress validate --bundle {input.bundle} --checkpoint {input.checkpoint}"
+        " --reference {input.reference} --scheme {wildcards.scheme}"
+        " --settings {params.settings:q} --out {output.validation} > {log} 2>&1"

@@ -1,0 +1,134 @@
+"""llm-compressor schemes on the embedded model, vLLM bundles for several targets, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import REPO
+from deepcast import planner, registry
+from deepcast.errors import DeepcastError
+from deepcast.stages import compress
+
+CONFIG = REPO / "config"
+RECIPES = CONFIG / "recipes"
+
+
+def target(name: str):
+    return registry.load_target(CONFIG, name)
+
+
+@pytest.fixture(scope="session")
+def compressed(checkpoint, calibration, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compressed")
+    made = {}
+    for scheme in ("rtn-w4a16", "gptq-w4a16", "int8-w8a8", "awq-w4a16"):
+        made[scheme] = root / scheme
+        compress.run(checkpoint, calibration, made[scheme], scheme, RECIPES / f"{scheme}.yaml", target("cpu"))
+    return made
+
+
+@pytest.fixture(scope="session")
+def validated(compressed, checkpoint, reference_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    results = {}
+    for scheme, artifact in compressed.items():
+        bundle = root / scheme / "bundle"
+        compress.bundle(artifact, target("cpu"), bundle, scheme)
+        results[scheme] = compress.validate(bundle, checkpoint, reference_dir, root / scheme / "validation", scheme, 4)
+    return results
+
+
+def test_quality_bar(validated):
+    ratio = {scheme: v["perplexity_ratio_to_reference"] for scheme, v in validated.items()}
+    assert ratio["int8-w8a8"] < 1.02
+    assert ratio["gptq-w4a16"] < 1.15 and ratio["awq-w4a16"] < 1.15
+    assert ratio["gptq-w4a16"] < ratio["rtn-w4a16"], ratio  # GPTQ beats round-to-nearest at group size 128
+
+
+def test_layout_is_what_vllm_reads(validated):
+    for scheme, result in validated.items():
+        assert result["layout"]["format"] == compress.SCHEMES[scheme].format
+        assert result["layout"]["quantized_linears"] == 104  # every attention, dense and expert Linear
+        assert result["serving"]["status"] in ("served", "not served here")
+        if result["serving"]["status"] != "served":
+            assert result["serving"]["reason"]
+
+
+def test_every_expert_is_counted(compressed):
+    record = json.loads((compressed["gptq-w4a16"] / "manifest.json").read_text())["results"]
+    assert sorted(record["tokens_per_expert"]) == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
+    assert all(len(counts) == 8 for counts in record["tokens_per_expert"].values())
+    assert record["experts_never_routed"] == {}
+
+
+def test_checkpoint_keeps_recipe_tokenizer_and_config(compressed):
+    names = {p.name for p in compressed["gptq-w4a16"].iterdir()}
+    assert {"config.json", "model.safetensors", "recipe.yaml", "tokenizer.json", "manifest.json"} <= names
+
+
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [
+        ("cpu", ["--dtype", "bfloat16"]),
+        ("4x2080ti", ["--dtype", "float16", "--pipeline-parallel-size", "4"]),
+        ("h100", ["--dtype", "bfloat16"]),
+    ],
+)
+def test_bundle_flags_follow_the_target(compressed, tmp_path, name, flags):
+    out = tmp_path / "bundle"
+    results = compress.bundle(compressed["gptq-w4a16"], target(name), out, "gptq-w4a16")
+    served = results["serve_flags"]
+    assert all(flag in served for flag in flags), served
+    assert "--max-model-len" in served
+    assert "vllm serve" in (out / "launch.sh").read_text()
+
+
+def test_fp8_is_refused_on_turing_and_kept_on_hopper():
+    assert "compute capability 8.9" in planner.compress_refusal("fp8", target("4x2080ti"))
+    assert planner.compress_refusal("fp8", target("h100")) is None
+
+
+def test_fp8_run_on_an_old_target_stops_before_any_work(checkpoint, calibration, tmp_path):
+    with pytest.raises(DeepcastError, match="fp8 needs FP8 tensor cores.*Fix: choose int8-w8a8"):
+        compress.run(checkpoint, calibration, tmp_path / "c", "fp8", RECIPES / "fp8.yaml", target("4x2080ti"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_group_size_that_does_not_divide_is_refused(checkpoint, calibration, tmp_path):
+    recipe = {"quant_stage": {"quant_modifiers": {"GPTQModifier": {"ignore": ["lm_head"], "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                        "group_size": 96}}}}}}}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(DeepcastError, match="group size 96 does not divide the input width"):
+        compress.run(checkpoint, calibration, tmp_path / "c", "gptq-w4a16", path, target("cpu"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_recipe_that_does_not_parse_is_refused(checkpoint, calibration, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("quant_stage: [unclosed\n")
+    with pytest.raises(DeepcastError, match="does not parse"):
+        compress.run(checkpoint, calibration, tmp_path / "c", "gptq-w4a16", path, target("cpu"))
+
+
+def test_architecture_without_awq_mappings_is_refused(checkpoint, calibration, tmp_path):
+    other = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["MysteryForCausalLM"]}))
+    with pytest.raises(DeepcastError, match="no AWQ mappings for MysteryForCausalLM"):
+        compress.run(other, calibration, tmp_path / "c", "awq-w4a16", RECIPES / "awq-w4a16.yaml", target("cpu"))
+
+
+def test_layout_mismatch_is_caught(compressed, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed["gptq-w4a16"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"]["format"] = "int-quantized"
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DeepcastError, match="not what vLLM expects for gptq-w4a16"):
+        compress.check_layout(broken, checkpoint, compress.SCHEMES["gptq-w4a16"])

@@ -1,0 +1,467 @@
+"""llm-compressor schemes (GPTQ, AWQ, SmoothQuant+GPTQ INT8, FP8, RTN control) to compressed-tensors.
+
+Every scheme reads the shared calibration set; none loads data of its own. Requests that cannot
+work are refused before the model is loaded: a scheme the target cannot run, a group size that
+does not divide a layer's input width, a recipe that does not parse, an architecture without AWQ
+mappings. MoE models are calibrated with every routed expert seeing every token; the experts that
+normal routing never reached on the calibration set are counted and reported in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from deepcast.errors import DeepcastError
+from deepcast.files import atomic_path
+from deepcast.manifest import Recorder
+from deepcast.registry import Target
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    group_size: int | None  # None: per channel
+    needs_calibration: bool
+    format: str  # compressed-tensors format vLLM reads for it
+    min_compute_capability: float | None = None
+
+
+SCHEMES = {
+    s.name: s
+    for s in (
+        Scheme("gptq-w4a16", 128, True, "pack-quantized"),
+        Scheme("awq-w4a16", 128, True, "pack-quantized"),
+        Scheme("int8-w8a8", None, True, "int-quantized"),
+        Scheme("fp8", None, False, "float-quantized", min_compute_capability=8.9),
+        Scheme("rtn-w4a16", 128, False, "pack-quantized"),
+    )
+}
+# Router-free AWQ mappings (llm-compressor's built-in DeepseekV3 entry balances the router too and
+# fails on dense first layers). Qwen2 and Llama use llm-compressor's own registry entries.
+MLA_AWQ_MAPPINGS = [
+    {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*(q|q_a)_proj$", "re:.*kv_a_proj_with_mqa$"]},
+    {"smooth_layer": "re:.*q_a_layernorm$", "balance_layers": ["re:.*q_b_proj$"]},
+    {"smooth_layer": "re:.*kv_a_layernorm$", "balance_layers": ["re:.*kv_b_proj$"]},
+    {"smooth_layer": "re:.*post_attention_layernorm$", "balance_layers": ["re:.*gate_proj$", "re:.*up_proj$"]},
+    {"smooth_layer": "re:.*up_proj$", "balance_layers": ["re:.*down_proj$"]},
+]
+AWQ_MAPPINGS = {"DeepseekV3ForCausalLM": MLA_AWQ_MAPPINGS, "DeepseekV2ForCausalLM": MLA_AWQ_MAPPINGS,
+                "Qwen2ForCausalLM": None, "LlamaForCausalLM": None}  # fmt: skip
+NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "e_score_correction")
+
+
+def load_recipe(path: Path) -> dict:
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DeepcastError(f"recipe {path} does not parse: {error}. Fix the YAML or restore the default.") from None
+    if not isinstance(recipe, dict) or not any(isinstance(v, dict) for v in recipe.values()):
+        raise DeepcastError(f"recipe {path} has no stage of modifiers. Fix: start from config/recipes/.")
+    return recipe
+
+
+def linear_input_widths(checkpoint: Path) -> dict[str, int]:
+    """Input width of every weight a Linear target would quantize, read from the safetensors headers."""
+    from safetensors import safe_open
+
+    widths = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shape = handle.get_slice(name).get_shape()
+                if name.endswith(".weight") and len(shape) == 2 and not any(k in name for k in NOT_QUANTIZED):
+                    widths[name] = shape[1]
+    return widths
+
+
+def check_request(scheme_name: str, recipe: dict, checkpoint: Path, target: Target | None) -> Scheme:
+    """Refuse, before any work, what cannot work; return the scheme."""
+    scheme = SCHEMES.get(scheme_name)
+    if scheme is None:
+        raise DeepcastError(f"unknown scheme {scheme_name!r}. Fix: use one of {', '.join(SCHEMES)}.")
+    if scheme.min_compute_capability and target is not None:
+        capability = target.gpu.compute_capability if target.gpu else None
+        if capability is None or capability < scheme.min_compute_capability:
+            raise DeepcastError(
+                f"{scheme_name} needs FP8 tensor cores (compute capability {scheme.min_compute_capability}+); "
+                f"target {target.name} has {f'compute capability {capability}' if capability else 'no GPU'}. "
+                "Fix: choose int8-w8a8 or a W4A16 scheme for this target."
+            )
+    group = _recipe_group_size(recipe) or scheme.group_size
+    if group:
+        bad = {n: w for n, w in linear_input_widths(checkpoint).items() if w % group}
+        if bad:
+            name, width = next(iter(bad.items()))
+            raise DeepcastError(
+                f"group size {group} does not divide the input width of {len(bad)} layer(s), e.g. {name} "
+                f"({width}). Fix: a group size that divides every width, or per-channel quantization."
+            )
+    if scheme_name == "awq-w4a16":
+        architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+        if architecture not in AWQ_MAPPINGS and not _recipe_has_mappings(recipe):
+            raise DeepcastError(
+                f"no AWQ mappings for {architecture}. Fix: add `mappings:` to the AWQModifier in the recipe, "
+                f"or use gptq-w4a16 (mappings are known for {', '.join(AWQ_MAPPINGS)})."
+            )
+    return scheme
+
+
+def _modifiers(recipe: dict) -> dict:
+    found = {}
+    for stage in recipe.values():
+        for group in (stage or {}).values():
+            if isinstance(group, dict):
+                found.update(group)
+    return found
+
+
+def _recipe_group_size(recipe: dict) -> int | None:
+    for modifier in _modifiers(recipe).values():
+        for group in (modifier or {}).get("config_groups", {}).values():
+            size = (group.get("weights") or {}).get("group_size")
+            if size:
+                return int(size)
+    return None
+
+
+def _recipe_has_mappings(recipe: dict) -> bool:
+    return bool((_modifiers(recipe).get("AWQModifier") or {}).get("mappings"))
+
+
+def _with_awq_mappings(recipe: dict, architecture: str) -> dict:
+    mappings = AWQ_MAPPINGS.get(architecture)
+    if mappings is None or _recipe_has_mappings(recipe):
+        return recipe
+    recipe = json.loads(json.dumps(recipe))
+    _modifiers_ref(recipe)["AWQModifier"]["mappings"] = mappings
+    return recipe
+
+
+def _modifiers_ref(recipe: dict) -> dict:
+    for stage in recipe.values():
+        for group in (stage or {}).values():
+            if isinstance(group, dict) and "AWQModifier" in group:
+                return group
+    raise DeepcastError("the awq-w4a16 recipe has no AWQModifier. Fix: restore config/recipes/awq-w4a16.yaml.")
+
+
+def route_counts(model, samples: list[list[int]]) -> dict[str, list[int]]:
+    """Tokens per routed expert under normal routing, from a plain forward pass."""
+    import torch
+
+    counts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def count(module, _inputs, outputs):
+            indices = outputs[2].reshape(-1)
+            counts[name] = counts.get(name, 0) + torch.bincount(indices, minlength=module.num_experts)
+
+        return count
+
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if hasattr(m, "e_score_correction_bias")
+    ]
+    with torch.no_grad():
+        for ids in samples:
+            model(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return {name: c.tolist() for name, c in counts.items()}
+
+
+def run(
+    checkpoint: Path, calibration: Path, out: Path, scheme_name: str, recipe_path: Path, target: Target | None
+) -> dict:
+    recipe = load_recipe(recipe_path)
+    scheme = check_request(scheme_name, recipe, checkpoint, target)
+    architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+    if scheme_name == "awq-w4a16":
+        recipe = _with_awq_mappings(recipe, architecture)
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.accelerator.is_available():
+        # AWQ pins its activation cache, which needs an accelerator; pinning only speeds copies up.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+    samples = [json.loads(line)["input_ids"] for line in (calibration / "samples.jsonl").read_text().splitlines()]
+    recorder = Recorder("compress", {"scheme": scheme_name, "recipe": recipe, "architecture": architecture})
+    recorder.input("recipe", recipe_path)
+    recorder.input("samples.jsonl", calibration / "samples.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", trust_remote_code=False)
+    linearize_moe(model)
+    routes = route_counts(model, samples) if scheme.needs_calibration else {}
+    never_routed = {name: [i for i, n in enumerate(c) if n == 0] for name, c in routes.items() if 0 in c}
+    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    started = time.time()
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=dataset if scheme.needs_calibration else None,
+            recipe=str(tmp / "recipe.yaml"),
+            num_calibration_samples=len(samples),
+            max_seq_length=max(len(s) for s in samples),
+            shuffle_calibration_samples=False,
+            moe_calibrate_all_experts=True,
+        )
+        seconds = time.time() - started
+        model.save_pretrained(tmp, save_compressed=True)
+        tokenizer.save_pretrained(tmp)
+        for name in ("generation_config.json",):
+            if (checkpoint / name).exists() and not (tmp / name).exists():
+                shutil.copy2(checkpoint / name, tmp / name)
+        recorder.results = {
+            "oneshot_seconds": round(seconds, 1),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "bit_exact": not torch.cuda.is_available(),
+            "calibration_samples": len(samples),
+            "tokens_per_expert": routes,
+            "experts_never_routed": never_routed,
+            "note": "every routed expert was calibrated on every token (moe_calibrate_all_experts); "
+            "experts_never_routed lists those normal routing did not reach on this calibration set",
+        }
+        recorder.write(tmp)
+    return recorder.results
+
+
+# What vLLM's compressed-tensors loader reads, per format: tensor suffix -> (dtype, shape from out, in, group).
+LAYOUTS = {
+    "pack-quantized": {
+        "weight_packed": ("I32", lambda o, i, g: [o, i // 8]),
+        "weight_scale": (None, lambda o, i, g: [o, i // g]),
+        "weight_shape": ("I64", lambda o, i, g: [2]),
+    },
+    "int-quantized": {"weight": ("I8", lambda o, i, g: [o, i]), "weight_scale": (None, lambda o, i, g: [o, 1])},
+    "float-quantized": {"weight": ("F8_E4M3", lambda o, i, g: [o, i]), "weight_scale": (None, lambda o, i, g: [o, 1])},
+}
+
+
+def check_layout(artifact: Path, checkpoint: Path, scheme: Scheme) -> dict:
+    """The config and tensors a vLLM load of this scheme expects; any mismatch fails before deployment."""
+    from safetensors import safe_open
+
+    config = json.loads((artifact / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    problems = []
+    if quant.get("quant_method") != "compressed-tensors":
+        problems.append(f"quantization_config.quant_method is {quant.get('quant_method')!r}")
+    if quant.get("format") != scheme.format:
+        problems.append(f"format is {quant.get('format')!r}, vLLM needs {scheme.format!r} for {scheme.name}")
+    tensors = {}
+    for path in artifact.glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                piece = handle.get_slice(name)
+                tensors[name] = (piece.get_dtype(), list(piece.get_shape()))
+    source = {}
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                source[name] = list(handle.get_slice(name).get_shape())
+    checked = 0
+    for name in linear_input_widths(checkpoint):
+        base = name.removesuffix(".weight")
+        out_features, in_features = source[name]
+        for suffix, (dtype, shape) in LAYOUTS[scheme.format].items():
+            found = tensors.get(f"{base}.{suffix}")
+            expected = shape(out_features, in_features, scheme.group_size or in_features)
+            if found is None:
+                problems.append(f"{base}.{suffix} is missing")
+            elif (dtype and found[0] != dtype) or found[1] != expected:
+                problems.append(f"{base}.{suffix} is {found[0]} {found[1]}, expected {dtype or 'float'} {expected}")
+        checked += 1
+    embedding = tensors.get("model.embed_tokens.weight")
+    if embedding is None or embedding[0] not in ("BF16", "F16", "F32"):
+        problems.append(f"model.embed_tokens.weight should stay 16-bit, found {embedding}")
+    if problems:
+        raise DeepcastError(
+            f"{artifact} is not what vLLM expects for {scheme.name}: {'; '.join(problems[:5])}"
+            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. "
+            "Fix: requantize with the default recipe."
+        )
+    return {"format": scheme.format, "quantized_linears": checked, "ignore": quant.get("ignore", [])}
+
+
+def serving_check(artifact: Path) -> dict:
+    """Load and run the checkpoint in vLLM where vLLM and a GPU exist; otherwise say why it was not served."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"status": "not served here", "reason": "vLLM is not installed on this machine"}
+    if not torch.cuda.is_available():
+        return {"status": "not served here", "reason": "no GPU is visible on this machine"}
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(artifact), max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.5)
+    completion = llm.generate(["ROMEO.\n"], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
+    if not completion.strip():
+        raise DeepcastError(f"vLLM loaded {artifact} but answered an empty completion.")
+    return {"status": "served", "engine": "vllm", "completion": completion}
+
+
+def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, scheme_name: str,
+             batch_size: int) -> dict:  # fmt: skip
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deepcast.files import verify_checksums
+    from deepcast.perplexity import evaluate
+
+    verify_checksums(artifact)
+    scheme = SCHEMES[scheme_name]
+    layout = check_layout(artifact, checkpoint, scheme)
+    recorder = Recorder("compress_validate", {"scheme": scheme_name, "batch_size": batch_size})
+    recorder.input("manifest.json", artifact / "manifest.json")
+    chunks = json.loads((reference_dir / "chunks.json").read_text())
+    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    if scheme.format == "int-quantized":
+        model, loader = load_int8_dequantized(artifact), "deepcast int8 dequantizer + per-token activation quantization"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
+        loader = "transformers (compressed-tensors decompression)"
+    result = evaluate(model.eval(), chunks, batch_size)
+    results = {
+        "perplexity": result.perplexity,
+        "perplexity_reference": reference,
+        "perplexity_ratio_to_reference": round(result.perplexity / reference, 6),
+        "loaded_with": loader,
+        "layout": layout,
+        "serving": serving_check(artifact),
+        "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
+    }
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "validation.json").write_text(json.dumps(results, indent=2) + "\n")
+        recorder.results = results
+        recorder.write(tmp)
+    return results
+
+
+VLLM_LAUNCH = """#!/usr/bin/env bash
+# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000).
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! sha256sum --quiet --strict -c SHA256SUMS; then
+    echo "bundle files do not match SHA256SUMS; refusing to start" >&2
+    exit 3
+fi
+exec vllm serve "$(pwd)" --served-model-name {served} {flags} "$@"
+"""
+
+VLLM_README = """# {title}
+
+Start: `./launch.sh` (vLLM's OpenAI-compatible server on port 8000). It checks every file against
+`SHA256SUMS` first and refuses to start on a mismatch. Needs `vllm` on PATH.
+
+| | |
+|---|---|
+| scheme | {scheme} (compressed-tensors, {format}) |
+| engine | {engine} |
+| flags | `{flags}` |
+| placement | {notes} |
+| weights | {weights_gb:.2f} GB |
+| GPU memory | {gpu_gb:.2f} GB per GPU at {length} tokens of context |
+| KV cache | {kv} bytes per token |
+"""
+
+
+def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
+    """A vLLM bundle: the compressed checkpoint, launch.sh with the target's flags, README, checksums."""
+    from deepcast import planner
+    from deepcast.files import link_or_copy, write_checksums
+    from deepcast.manifest import read
+    from deepcast.registry import shape_from_hf_config
+
+    shape = shape_from_hf_config(json.loads((artifact / "config.json").read_text()))
+    weights_gb = sum(p.stat().st_size for p in artifact.glob("*.safetensors")) / planner.GB
+    plan = planner.plan_vllm(shape, target, weights_gb)
+    recorder = Recorder("vllm_bundle", {"target": target.name, "scheme": scheme_name, "plan": plan.as_dict()})
+    recorder.input("manifest.json", artifact / "manifest.json")
+    source = read(artifact)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for path in sorted(artifact.iterdir()):
+            if path.is_file() and path.name != "manifest.json":
+                link_or_copy(path, tmp / path.name)
+        flags = " ".join(plan.serve_flags())
+        title = f"{scheme_name} of {source['params']['architecture']} on {target.name}"
+        (tmp / "launch.sh").write_text(VLLM_LAUNCH.format(title=title, served=scheme_name, flags=flags))
+        (tmp / "launch.sh").chmod(0o755)
+        (tmp / "server.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
+        (tmp / "README.md").write_text(VLLM_README.format(
+            title=title, scheme=scheme_name, format=SCHEMES[scheme_name].format, engine=plan.engine, flags=flags,
+            notes="; ".join(plan.notes), weights_gb=plan.weights_gb, gpu_gb=plan.gpu_memory_gb,
+            length=plan.max_model_len, kv=plan.kv_bytes_per_token,
+        ))  # fmt: skip
+        recorder.results = {"serve_flags": plan.serve_flags(), "files": sorted(write_checksums(tmp))}
+        recorder.write(tmp)
+    return recorder.results
+
+
+def load_int8_dequantized(artifact: Path):
+    """W8A8 checkpoints in the int-quantized format vLLM serves, evaluated on CPU.
+
+    transformers 5.17 cannot regroup int-quantized MoE experts into its fused layout, so the int8
+    weights are dequantized (weight * weight_scale, per output channel) into a float copy, and every
+    quantized Linear quantizes its input per token to int8 and back, as vLLM's dynamic W8A8 does.
+    """
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = {}
+    for path in sorted(artifact.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    dense, quantized = {}, set()
+    for name, tensor in tensors.items():
+        base = name.removesuffix(".weight")
+        if name.endswith(".weight_scale"):
+            continue
+        if name.endswith(".weight") and tensor.dtype == torch.int8:
+            dense[name] = (tensor.float() * tensors[f"{base}.weight_scale"].float()).contiguous()
+            quantized.add(base)
+        else:
+            dense[name] = tensor.float().contiguous() if tensor.is_floating_point() else tensor
+    config = json.loads((artifact / "config.json").read_text())
+    config.pop("quantization_config", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file(dense, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+
+    def quantize_input(_module, inputs):
+        (x,) = inputs
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+        return (torch.round(x / scale).clamp(-128, 127) * scale,)
+
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    linearize_moe(model)  # per-expert Linears again, so expert inputs are quantized too
+    hooked = {name for name, module in model.named_modules() if name in quantized}
+    if hooked != quantized:
+        raise DeepcastError(f"{len(quantized - hooked)} int8 layers have no module to evaluate them in, "
+                            f"e.g. {sorted(quantized - hooked)[:2]}.")  # fmt: skip
+    for name, module in model.named_modules():
+        if name in quantized:
+            module.register_forward_pre_hook(quantize_input)
+    return model
