@@ -221,7 +221,7 @@ def compress() -> None:
 @click.option("--scheme", required=True)
 @click.option("--recipe", type=click.Path(path_type=Path), required=True)
 @click.option("--target", "target_name", help="Refuse schemes this target cannot run (default: no check).")
-@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
 @click.option("--out", type=OUT, required=True)
 def compress_run(checkpoint, calibration, scheme, recipe, target_name, config_dir, out) -> None:
     """Quantize with llm-compressor's oneshot on the shared calibration set."""
