@@ -81,3 +81,20 @@ def verify_checksums(directory: Path) -> None:
             f"bundle {directory} does not match its {CHECKSUMS}:\n{(check.stdout + check.stderr).strip()}\n"
             "Fix: delete the bundle and rerun its rule."
         )
+
+
+def write_launch_script(directory: Path, comment: str, command: str) -> None:
+    """launch.sh for a bundle: check every file against SHA256SUMS, then exec `command` with the caller's args."""
+    script = (
+        "#!/usr/bin/env bash\n"
+        f"{comment}\n"
+        "set -euo pipefail\n"
+        'cd "$(dirname "$0")"\n'
+        f"if ! sha256sum --quiet --strict -c {CHECKSUMS}; then\n"
+        f'    echo "bundle files do not match {CHECKSUMS}; refusing to start" >&2\n'
+        "    exit 3\n"
+        "fi\n"
+        f'exec {command} "$@"\n'
+    )
+    (directory / "launch.sh").write_text(script)
+    (directory / "launch.sh").chmod(0o755)

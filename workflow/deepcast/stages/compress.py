@@ -355,17 +355,6 @@ def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, s
     return results
 
 
-VLLM_LAUNCH = """#!/usr/bin/env bash
-# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000).
-set -euo pipefail
-cd "$(dirname "$0")"
-if ! sha256sum --quiet --strict -c SHA256SUMS; then
-    echo "bundle files do not match SHA256SUMS; refusing to start" >&2
-    exit 3
-fi
-exec vllm serve "$(pwd)" --served-model-name {served} {flags} "$@"
-"""
-
 VLLM_README = """# {title}
 
 Start: `./launch.sh` (vLLM's OpenAI-compatible server on port 8000). It checks every file against
@@ -386,7 +375,7 @@ Start: `./launch.sh` (vLLM's OpenAI-compatible server on port 8000). It checks e
 def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
     """A vLLM bundle: the compressed checkpoint, launch.sh with the target's flags, README, checksums."""
     from deepcast import planner
-    from deepcast.files import link_or_copy, write_checksums
+    from deepcast.files import link_or_copy, write_checksums, write_launch_script
     from deepcast.manifest import read
     from deepcast.registry import shape_from_hf_config
 
@@ -403,8 +392,11 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
                 link_or_copy(path, tmp / path.name)
         flags = " ".join(plan.serve_flags())
         title = f"{scheme_name} of {source['params']['architecture']} on {target.name}"
-        (tmp / "launch.sh").write_text(VLLM_LAUNCH.format(title=title, served=scheme_name, flags=flags))
-        (tmp / "launch.sh").chmod(0o755)
+        write_launch_script(
+            tmp,
+            f"# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000).",
+            f'vllm serve "$(pwd)" --served-model-name {scheme_name} {flags}',
+        )
         (tmp / "server.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(VLLM_README.format(
             title=title, scheme=scheme_name, format=SCHEMES[scheme_name].format, engine=plan.engine, flags=flags,

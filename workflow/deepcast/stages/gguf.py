@@ -20,7 +20,14 @@ from pathlib import Path
 
 from deepcast import planner
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path, link_or_copy, sha256_file, verify_checksums, write_checksums
+from deepcast.files import (
+    atomic_path,
+    link_or_copy,
+    sha256_file,
+    verify_checksums,
+    write_checksums,
+    write_launch_script,
+)
 from deepcast.manifest import Recorder, read
 from deepcast.registry import Target, shape_from_hf_config
 from deepcast.tools import LlamaCpp
@@ -256,18 +263,6 @@ def plan_for(artifact: Path, checkpoint: Path, target: Target, llama: LlamaCpp) 
     return planner.plan_llama_cpp(shape, target, facts["size_bytes"] / planner.GB, facts["expert_share"])
 
 
-LAUNCH = """#!/usr/bin/env bash
-# Start llama-server for {title}. Extra arguments go to llama-server (for example --host 0.0.0.0 --port 8080).
-# LLAMA_SERVER may name the llama-server binary; by default the one on PATH.
-set -euo pipefail
-cd "$(dirname "$0")"
-if ! sha256sum --quiet --strict -c SHA256SUMS; then
-    echo "bundle files do not match SHA256SUMS; refusing to start" >&2
-    exit 3
-fi
-exec "${{LLAMA_SERVER:-llama-server}}" -m {model} {flags} "$@"
-"""
-
 README = """# {title}
 
 Start: `./launch.sh` (serves http://127.0.0.1:8080; `./launch.sh --host 0.0.0.0 --port 8080` to expose it).
@@ -328,16 +323,23 @@ def bundle(
         else:
             link_or_copy(model, tmp / MODEL)
             first = MODEL
-        title = f"{download['results']['source']} {qtype} on {target.name}"
+        source = download["results"]["source"]
+        # A hub id, or a local directory's name: no path of the building machine goes into the bundle.
+        model_name = source if source.startswith("hf://") else Path(source).name
+        title = f"{model_name} {qtype} on {target.name}"
         flags = " ".join(plan.server_flags())
-        (tmp / "launch.sh").write_text(LAUNCH.format(title=title, model=first, flags=flags))
-        (tmp / "launch.sh").chmod(0o755)
+        write_launch_script(
+            tmp,
+            f"# Start llama-server for {title}. Extra arguments go to llama-server (e.g. --host 0.0.0.0).\n"
+            "# LLAMA_SERVER may name the llama-server binary; by default the one on PATH.",
+            f'"${{LLAMA_SERVER:-llama-server}}" -m {first} {flags}',
+        )
         (tmp / "server.json").write_text(json.dumps({"model": first, **plan.as_dict()}, indent=2) + "\n")
         (tmp / "README.md").write_text(
             README.format(
                 title=title,
                 version=llama.stamp.get("version"),
-                model_name=download["results"]["source"],
+                model_name=model_name,
                 revision=download["results"]["resolved_revision"],
                 qtype=qtype,
                 bpw=facts["bits_per_weight"],
