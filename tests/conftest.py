@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,8 +90,3 @@ def hub(tmp_path, hub_env, monkeypatch):
         server.shas = shas
         server.root_dir = root
         yield server
-
-
-def copy_tree(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest)
-    return dest

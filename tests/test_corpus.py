@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from deepcast import corpus, manifest
 from deepcast.errors import DeepcastError
-from deepcast.stages.corpus import cache_dir
+from deepcast.files import cache_root as cache_dir
 
 
 def _blocks(text: str) -> set[str]:

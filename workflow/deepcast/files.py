@@ -12,6 +12,11 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
+def cache_root() -> Path:
+    """Downloads and builds shared by every checkout on the machine, outside the repository."""
+    return Path(os.environ.get("DEEPCAST_CACHE", Path.home() / ".cache" / "deepcast"))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -11,7 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from deepcast.files import sha256_file
+from deepcast.files import atomic_path, sha256_file
 
 MANIFEST = "manifest.json"
 TOOLS = (
@@ -62,6 +62,16 @@ class Recorder:
 
     def input(self, label: str, path: Path) -> None:
         self.inputs[label] = sha256_file(path)
+
+    def save(self, out: Path, results: dict, texts: dict[str, str]) -> dict:
+        """An artifact made of small text files: write them and the manifest into `out`, all or nothing."""
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            for name, text in texts.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            self.results = results
+            self.write(tmp)
+        return results
 
     def write(self, directory: Path) -> dict:
         manifest = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from deepcast import sdist as pinned_sdist
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path
+from deepcast.files import atomic_path, cache_root
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -30,10 +30,6 @@ VENDORED = f"llama_cpp_python-{VERSION}/vendor/llama.cpp"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server", "llama-gguf-split")
 STAMP = "build.json"
 ENV_OVERRIDE = "DEEPCAST_LLAMA_CPP"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DEEPCAST_CACHE", Path.home() / ".cache" / "deepcast"))
 
 
 def cuda_architectures() -> str | None:
@@ -136,9 +132,8 @@ def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp
                 member.name = member.name[len(VENDORED) + 1 :]
             archive.extractall(tmp / "src", members=members, filter="data")
         build = tmp / "build"
-        run = lambda cmd: _run(cmd, log)  # noqa: E731
-        run(["cmake", "-S", str(tmp / "src"), "-B", str(build), *flags])
-        run(["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
+        _run(["cmake", "-S", str(tmp / "src"), "-B", str(build), *flags], log)
+        _run(["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS], log)
         (tmp / "bin").mkdir()
         for tool in TOOLS:
             shutil.copy2(build / "bin" / tool, tmp / "bin" / tool)

@@ -347,12 +347,7 @@ def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, s
         "serving": serving_check(artifact),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        (tmp / "validation.json").write_text(json.dumps(results, indent=2) + "\n")
-        recorder.results = results
-        recorder.write(tmp)
-    return results
+    return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 
 VLLM_README = """# {title}

@@ -409,12 +409,7 @@ def validate(
     }
     # Load time: from starting the bundle's server to its first healthy answer.
     results["load_time_s"] = results["server"]["ready_s"]
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        (tmp / "validation.json").write_text(json.dumps(results, indent=2) + "\n")
-        recorder.results = results
-        recorder.write(tmp)
-    return results
+    return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 
 def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:

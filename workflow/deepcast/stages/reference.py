@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from deepcast.config import EvaluationSettings
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path
 from deepcast.manifest import Recorder
 from deepcast.perplexity import chunk_tokens, evaluate
 
@@ -53,13 +52,6 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
     )
     with tqdm(total=len(chunks), desc="perplexity", unit="chunk") as bar:
         result = evaluate(model, chunks, settings.batch_size, progress=bar)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        (tmp / "chunks.json").write_text(json.dumps(chunks))
-        (tmp / "perplexity.json").write_text(
-            json.dumps({**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}, indent=2)
-            + "\n"
-        )
-        recorder.results = {**result.as_dict(), "device": device}
-        recorder.write(tmp)
-    return recorder.results
+    figures = {**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}
+    texts = {"chunks.json": json.dumps(chunks), "perplexity.json": json.dumps(figures, indent=2) + "\n"}
+    return recorder.save(out, {**result.as_dict(), "device": device}, texts)
