@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from deepcast.errors import DeepcastError
 
@@ -51,20 +51,38 @@ class Target(Strict):
 class ModelShape(Strict):
     """What memory arithmetic needs from config.json."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: plans cache sizes per shape
+
     layers: PositiveInt
     hidden: PositiveInt
     heads: PositiveInt
     kv_heads: PositiveInt
     head_dim: PositiveInt
+    intermediate: PositiveInt  # the dense FFN's width
+    attention_bias: bool = False  # Qwen2's q/k/v biases
     kv_lora_rank: PositiveInt | None = None  # MLA (DeepSeek-V2/V3): the cached latent per token
+    q_lora_rank: PositiveInt | None = None  # MLA query compression (None in V2-Lite)
+    qk_nope_head_dim: PositiveInt | None = None
     qk_rope_head_dim: PositiveInt | None = None
     routed_experts: int = Field(default=0, ge=0)
     experts_per_token: int = Field(default=0, ge=0)
     shared_experts: int = Field(default=0, ge=0)
+    moe_intermediate: int = Field(default=0, ge=0)  # each expert's FFN width
     first_dense_layers: int = Field(default=0, ge=0)
+    mtp_layers: int = Field(default=0, ge=0)  # multi-token-prediction layers shipped beside the model
     vocab: PositiveInt
     max_context: PositiveInt
     tied_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.is_mla and not (self.qk_nope_head_dim and self.qk_rope_head_dim):
+            raise ValueError("an MLA shape (kv_lora_rank) needs qk_nope_head_dim and qk_rope_head_dim")
+        if self.is_moe and not (self.moe_intermediate and 0 < self.experts_per_token <= self.routed_experts):
+            raise ValueError("a MoE shape needs moe_intermediate and 0 < experts_per_token <= routed_experts")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
 
     @property
     def is_mla(self) -> bool:
@@ -84,12 +102,18 @@ def shape_from_hf_config(config: dict) -> ModelShape:
         heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("v_head_dim") or config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate=config["intermediate_size"],
+        attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
         kv_lora_rank=config.get("kv_lora_rank"),
+        q_lora_rank=config.get("q_lora_rank"),
+        qk_nope_head_dim=config.get("qk_nope_head_dim"),
         qk_rope_head_dim=config.get("qk_rope_head_dim"),
         routed_experts=config.get("n_routed_experts") or 0,
         experts_per_token=config.get("num_experts_per_tok") or 0,
         shared_experts=config.get("n_shared_experts") or 0,
+        moe_intermediate=config.get("moe_intermediate_size") or 0,
         first_dense_layers=config.get("first_k_dense_replace") or 0,
+        mtp_layers=config.get("num_nextn_predict_layers") or 0,
         vocab=config["vocab_size"],
         max_context=config.get("max_position_embeddings") or 4096,
         tied_embeddings=bool(config.get("tie_word_embeddings")),
