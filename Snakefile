@@ -14,6 +14,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/plan.smk"
 include: "rules/corpus.smk"
 include: "rules/download.smk"
 include: "rules/calibrate.smk"
@@ -25,6 +26,7 @@ include: "rules/compress.smk"
 rule all:
     default_target: True
     input:
+        plan=plan_file(),
         checkpoint=checkpoint_dir(),
         calibration=calibration_dir(),
         reference=reference_dir(),

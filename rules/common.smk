@@ -7,7 +7,7 @@ from snakemake.utils import validate
 
 from deepcast import config as deepcast_config
 from deepcast import fingerprint
-from deepcast import planner
+from deepcast.stages import plan as planning
 from deepcast import registry
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
@@ -21,6 +21,14 @@ try:
     TARGET = registry.load_target(Path(CONFIG_DIR), SETTINGS.target)
     MODEL = registry.resolve_model(Path(CONFIG_DIR), SETTINGS.model, Path(workflow.basedir))
     CALIBRATION_FILE = deepcast_config.calibration_source_file(SETTINGS.calibration)
+    DOWNLOADED = Path(f"results/models/{MODEL.name}/{MODEL.path_revision}/checkpoint")
+    PLAN = planning.plan_for(
+        planning.plan_model(MODEL, DOWNLOADED),
+        TARGET,
+        Path(CONFIG_DIR),
+        *SETTINGS.menu(),
+    )
+    CHOSEN = {candidate.format: candidate for candidate in PLAN.require_chosen()}
 except DeepcastError as error:
     raise WorkflowError(f"deepcast: {error}") from None
 
@@ -92,16 +100,15 @@ def stage_settings(section):
 
 
 def gguf_variants():
-    """Quant ids built for the target: the type, suffixed when made without the imatrix."""
-    no_bf16 = TARGET.gpu is not None and not TARGET.gpu.bf16
-    variants = []
-    for qtype in (t.upper() for t in SETTINGS.gguf.types):
-        if qtype == "BF16" and no_bf16:
-            qtype = "F16"  # Turing has no bf16: deploy the 16-bit model as F16
-        made_without = qtype not in SIXTEEN_BIT and not SETTINGS.gguf.imatrix
-        variants.append(qtype + (NO_IMATRIX if made_without else ""))
-    variants += [t.upper() + NO_IMATRIX for t in SETTINGS.gguf.controls]
-    return list(dict.fromkeys(variants))
+    """Quant ids the plan builds for the target: the type, suffixed when made without the imatrix,
+    plus the configured no-imatrix controls of the chosen types."""
+    chosen = [fmt for fmt, candidate in CHOSEN.items() if candidate.kind == "gguf"]
+    variants = [
+        qtype + ("" if qtype in SIXTEEN_BIT or SETTINGS.gguf.imatrix else NO_IMATRIX)
+        for qtype in chosen
+    ]
+    controls = [t.upper() for t in SETTINGS.gguf.controls if t.upper() in chosen]
+    return list(dict.fromkeys(variants + [qtype + NO_IMATRIX for qtype in controls]))
 
 
 def gguf_outputs():
@@ -136,38 +143,60 @@ def gguf_quantize_options(wildcards, input):
 
 
 def gguf_planned_flags(wildcards):
-    """llama-server flags the planner expects from the registry's figures ('auto' if unknown)."""
-    plan = planner.plan_from_registry(MODEL, TARGET, gguf_quant_type(wildcards))
-    return " ".join(plan.server_flags()) if plan else "auto"
+    """llama-server flags the plan expects from the predicted GGUF size."""
+    return " ".join(CHOSEN[gguf_quant_type(wildcards)].flags)
 
 
 def compress_schemes():
-    """The configured schemes whose kernels this target has; each refusal is printed with its reason."""
-    wanted = list(dict.fromkeys(SETTINGS.compress.schemes + SETTINGS.compress.controls))
-    runnable = []
-    for scheme in wanted:
-        reason = planner.compress_refusal(scheme, TARGET)
-        if reason:
-            logger.warning(f"deepcast plan: {scheme} refused for target {TARGET.name}: {reason}")
-        else:
-            runnable.append(scheme)
-    return runnable
+    """The compress schemes the plan builds, plus the configured controls wherever a scheme is built."""
+    chosen = [fmt for fmt, candidate in CHOSEN.items() if candidate.kind == "compressed"]
+    return list(dict.fromkeys(chosen + (SETTINGS.compress.controls if chosen else [])))
+
+
+def compress_engine(wildcards):
+    """The engine the plan serves a scheme with on this target (a control borrows its scheme's)."""
+    candidate = CHOSEN.get(wildcards.scheme) or next(
+        c for c in PLAN.viable if c.format == wildcards.scheme
+    )
+    return candidate.engine
 
 
 def compress_outputs():
-    """Validated bundles where the checkpoint fits the target; the checkpoint alone where it does not."""
-    outputs = []
-    for scheme in compress_schemes():
-        reason = planner.compress_refusal(scheme, TARGET, MODEL.entry)
-        if reason:
-            logger.warning(
-                f"deepcast plan: {scheme} is built but not bundled for {TARGET.name}: {reason}"
-            )
-            outputs.append(f"{model_dir()}/compressed/{scheme}")
-        else:
-            target_dir = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
-            outputs.append(f"{target_dir}/vllm/{scheme}/validation")
-    return outputs
+    target_dir = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
+    return [f"{target_dir}/vllm/{scheme}/validation" for scheme in compress_schemes()]
+
+
+def plan_notes():
+    """Print what the plan dropped from the menu and why, once per run."""
+    for note in PLAN.notes:
+        logger.warning(f"deepcast plan: {note}")
+
+
+def plan_inputs(wildcards):
+    """What the plan reads: the target profile, the compatibility rules, and the model's shape."""
+    inputs = {
+        "target": f"{CONFIG_DIR}/targets/{TARGET.name}.yaml",
+        "rules": f"{CONFIG_DIR}/compatibility.yaml",
+    }
+    if MODEL.entry is not None:
+        inputs["model"] = f"{CONFIG_DIR}/models/{MODEL.entry.name}.yaml"
+    else:
+        inputs["checkpoint"] = checkpoint_dir()
+    return inputs
+
+
+def plan_options(wildcards, input):
+    options = [f"--shape-from {input.checkpoint}"] if "checkpoint" in input.keys() else []
+    if SETTINGS.formats is not None:
+        options.append(f"--formats {','.join(SETTINGS.formats)}")
+    return " ".join(options)
+
+
+def plan_file():
+    return f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}/plan.json"
+
+
+plan_notes()
 
 
 def compress_recipe(wildcards):

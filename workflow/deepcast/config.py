@@ -117,12 +117,24 @@ class Settings(Strict):
         default="tiny-deepseek-v3",
         description="A registry name (config/models/), a hub id org/name[@revision], or a local directory.",
     )
+    formats: list[str] | None = Field(
+        default=None,
+        description="Narrow the plan to these formats (GGUF types and compress schemes). Default: gguf.types "
+        "and compress.schemes, minus what the target cannot run. A refused format named here is an error.",
+    )
     download: DownloadSettings = DownloadSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     gguf: GGUFSettings = GGUFSettings()
     compress: CompressSettings = CompressSettings()
     tools: ToolsSettings = ToolsSettings()
+
+    def menu(self) -> tuple[list[str], bool]:
+        """The formats the plan may choose from, and whether the user named them (then a refusal is an error)."""
+        if self.formats is not None:
+            return list(self.formats), True
+        types = [t.upper() for t in self.gguf.types]
+        return list(dict.fromkeys(types + self.compress.schemes)), False
 
 
 def load(raw: dict) -> Settings:
@@ -131,6 +143,12 @@ def load(raw: dict) -> Settings:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         raise DeepcastError(f"invalid configuration: {problems}. Fix config/config.yaml or --config.") from None
+
+
+def load_file(path: Path) -> Settings:
+    import yaml
+
+    return load(yaml.safe_load(path.read_text()) or {})
 
 
 def json_schema() -> str:

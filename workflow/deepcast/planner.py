@@ -12,33 +12,6 @@ from deepcast.registry import ModelShape, Target
 
 GB = 1e9
 
-# Whole-file bits per weight of llama.cpp's types on Llama-3.1-8B: tools/quantize/README.md
-# (shared/reference/hardware.md D.1). Q4_0 from the perplexity scoreboard (same section).
-GGUF_BITS_PER_WEIGHT = {
-    "F32": 32.0,
-    "BF16": 16.0005,
-    "F16": 16.0005,
-    "Q8_0": 8.5008,
-    "Q6_K": 6.5633,
-    "Q5_K_M": 5.7036,
-    "Q5_K_S": 5.5704,
-    "Q4_K_M": 4.8944,
-    "Q4_K_S": 4.6672,
-    "Q4_0": 4.64,
-    "IQ4_NL": 4.6818,
-    "IQ4_XS": 4.4597,
-    "Q3_K_L": 4.2979,
-    "Q3_K_M": 4.0,
-    "Q3_K_S": 3.6429,
-    "IQ3_M": 3.7628,
-    "IQ3_XXS": 3.2548,
-    "Q2_K": 3.1593,
-    "Q2_K_S": 2.9697,
-    "IQ2_M": 2.9294,
-    "IQ2_XXS": 2.3824,
-    "IQ1_M": 2.1460,
-    "IQ1_S": 2.0042,
-}
 # Types whose quantizer needs an importance matrix (llama-quant.cpp, tensor_requires_imatrix).
 NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}
 
@@ -122,6 +95,8 @@ def plan_llama_cpp(
     per_gpu = gpu.memory_gb * USABLE_FRACTION - GPU_RUNTIME_OVERHEAD_GB
     vram = per_gpu * gpu.count
     split = [1.0] * gpu.count if gpu.count > 1 else []
+    if gpu.interconnect == "unified":
+        ram = 0.0  # one memory shared by CPU and GPU (Jetson): offloading to "system RAM" frees nothing
     layers = shape.layers + 1  # llama.cpp counts the output layer too
 
     context = context_for(vram - weights_gb)
@@ -184,37 +159,8 @@ def _require(ok: bool, weights_gb: float, available_gb: float, where: str, targe
         )
 
 
-def expert_share(entry) -> float:
-    """Routed experts' share of the weights, from total and active counts: active = dense + E * k / n."""
-    shape = entry.shape
-    if not shape.is_moe:
-        return 0.0
-    experts = (entry.parameters_b - entry.active_parameters_b) / (1 - shape.experts_per_token / shape.routed_experts)
-    return min(1.0, experts / entry.parameters_b)
-
-
-def plan_from_registry(model, target: Target, qtype: str) -> LlamaCppPlan | None:
-    """The plan from registry figures alone (before any download); None for models outside the registry."""
-    if model.entry is None:
-        return None
-    entry = model.entry
-    weights_gb = entry.parameters_b * 1e9 * GGUF_BITS_PER_WEIGHT.get(qtype, 16.0) / 8 / GB
-    return plan_llama_cpp(entry.shape, target, weights_gb, expert_share(entry))
-
-
-# compressed-tensors bits per quantized Linear weight: 4-bit values plus one 16-bit scale per group
-# of 128 (W4A16); 8-bit values plus one scale per output channel (W8A8, FP8). Embeddings, norms and
-# routers stay 16-bit.
-COMPRESSED_BITS = {"gptq-w4a16": 4 + 16 / 128, "awq-w4a16": 4 + 16 / 128, "rtn-w4a16": 4 + 16 / 128,
-                   "int8-w8a8": 8.0, "fp8": 8.0}  # fmt: skip
 VLLM_GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default --gpu-memory-utilization
 VLLM_RESERVE_GB = 2.0  # [D] per GPU: profiled activations, CUDA graphs, NCCL buffers
-
-
-def compressed_weights_gb(shape: ModelShape, parameters_b: float, scheme: str) -> float:
-    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
-    linear = parameters_b * 1e9 - embeddings
-    return (linear * COMPRESSED_BITS[scheme] / 8 + embeddings * 2) / GB
 
 
 @dataclass
@@ -243,25 +189,16 @@ class VllmPlan:
         return {**asdict(self), "serve_flags": self.serve_flags()}
 
 
-def plan_vllm(shape: ModelShape, target: Target, weights_gb: float) -> VllmPlan:
+def plan_vllm(shape: ModelShape, target: Target, weights_gb: float, engine: str = "vllm") -> VllmPlan:
     """Tensor parallel over NVLink or PCIe peer-to-peer, pipeline parallel without it (4090s, 2080 Tis);
-    the context is what the KV cache can hold after the weights."""
+    the context is what the KV cache can hold after the weights. TensorRT-LLM is planned the same way."""
     kv = kv_bytes_per_token(shape)
     if target.gpu is None:
         ram = target.system_ram_gb * USABLE_FRACTION - CPU_RUNTIME_OVERHEAD_GB
         length = min(shape.max_context, int((ram - weights_gb) * GB / kv))
         _require(length >= min(MIN_CONTEXT, shape.max_context), weights_gb, ram, "system RAM", target)
-        return VllmPlan(
-            "vllm-cpu",
-            1,
-            1,
-            "bfloat16",
-            length,
-            weights_gb,
-            kv,
-            0.0,
-            ["vLLM's CPU backend; transformers also loads it (compressed-tensors decompresses on CPU)"],
-        )
+        where = "vLLM's CPU backend" if engine == "vllm-cpu" else f"{engine} on the CPU"
+        return VllmPlan(engine, 1, 1, "bfloat16", length, weights_gb, kv, 0.0, [where])
     gpu = target.gpu
     peer_to_peer = gpu.interconnect in ("nvlink", "pcie-p2p")
     tp, pp = (gpu.count, 1) if peer_to_peer else (1, gpu.count)
@@ -284,7 +221,7 @@ def plan_vllm(shape: ModelShape, target: Target, weights_gb: float) -> VllmPlan:
         else "one GPU"
     ]
     return VllmPlan(
-        "vllm",
+        engine,
         tp,
         pp,
         "bfloat16" if gpu.bf16 else "float16",
@@ -294,20 +231,3 @@ def plan_vllm(shape: ModelShape, target: Target, weights_gb: float) -> VllmPlan:
         (weights_gb + length * kv / GB) / gpu.count,
         notes,
     )
-
-
-def compress_refusal(scheme: str, target: Target, entry=None) -> str | None:
-    """Why a compressed-tensors scheme cannot run on a target (or, given a registry entry, does not fit)."""
-    from deepcast.stages.compress import SCHEMES
-
-    needed = SCHEMES[scheme].min_compute_capability
-    capability = target.gpu.compute_capability if target.gpu else None
-    if needed is not None and (capability is None or capability < needed):
-        have = f"compute capability {capability}" if capability else "no GPU"
-        return f"FP8 tensor cores need compute capability {needed} or newer; the target has {have}"
-    if entry is not None:
-        try:
-            plan_vllm(entry.shape, target, compressed_weights_gb(entry.shape, entry.parameters_b, scheme))
-        except DeepcastError as error:
-            return str(error)
-    return None

@@ -29,7 +29,6 @@ class Scheme:
     group_size: int | None  # None: per channel
     needs_calibration: bool
     format: str  # compressed-tensors format vLLM reads for it
-    min_compute_capability: float | None = None
 
 
 SCHEMES = {
@@ -38,7 +37,7 @@ SCHEMES = {
         Scheme("gptq-w4a16", 128, True, "pack-quantized"),
         Scheme("awq-w4a16", 128, True, "pack-quantized"),
         Scheme("int8-w8a8", None, True, "int-quantized"),
-        Scheme("fp8", None, False, "float-quantized", min_compute_capability=8.9),
+        Scheme("fp8", None, False, "float-quantized"),
         Scheme("rtn-w4a16", 128, False, "pack-quantized"),
     )
 }
@@ -85,13 +84,17 @@ def check_request(scheme_name: str, recipe: dict, checkpoint: Path, target: Targ
     scheme = SCHEMES.get(scheme_name)
     if scheme is None:
         raise DeepcastError(f"unknown scheme {scheme_name!r}. Fix: use one of {', '.join(SCHEMES)}.")
-    if scheme.min_compute_capability and target is not None:
-        capability = target.gpu.compute_capability if target.gpu else None
-        if capability is None or capability < scheme.min_compute_capability:
+    if target is not None:
+        from deepcast import compatibility
+        from deepcast.stages.plan import engine_refusal
+
+        architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+        reason = engine_refusal(scheme_name, "compressed", target, architecture, compatibility.load())
+        if reason:
             raise DeepcastError(
-                f"{scheme_name} needs FP8 tensor cores (compute capability {scheme.min_compute_capability}+); "
-                f"target {target.name} has {f'compute capability {capability}' if capability else 'no GPU'}. "
-                "Fix: choose int8-w8a8 or a W4A16 scheme for this target."
+                f"{scheme_name} is refused for target {target.name}: {reason}. "
+                "Fix: choose a scheme `deepcast plan` lists as viable for this target (int8-w8a8 or W4A16 on GPUs "
+                "before compute capability 8.9)."
             )
     group = _recipe_group_size(recipe) or scheme.group_size
     if group:
@@ -352,8 +355,8 @@ def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, s
 
 VLLM_README = """# {title}
 
-Start: `./launch.sh` (vLLM's OpenAI-compatible server on port 8000). It checks every file against
-`SHA256SUMS` first and refuses to start on a mismatch. Needs `vllm` on PATH.
+Start: `./launch.sh` (an OpenAI-compatible server: vLLM on port 8000, or `transformers serve` where the
+plan chose transformers). It checks every file against `SHA256SUMS` first and refuses to start on a mismatch.
 
 | | |
 |---|---|
@@ -367,8 +370,9 @@ Start: `./launch.sh` (vLLM's OpenAI-compatible server on port 8000). It checks e
 """
 
 
-def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
-    """A vLLM bundle: the compressed checkpoint, launch.sh with the target's flags, README, checksums."""
+def bundle(artifact: Path, target: Target, out: Path, scheme_name: str, engine: str = "vllm") -> dict:
+    """A bundle for `engine` (vllm, vllm-cpu or transformers): the compressed checkpoint, launch.sh with
+    the target's flags, README, checksums."""
     from deepcast import planner
     from deepcast.files import link_or_copy, write_checksums, write_launch_script
     from deepcast.manifest import read
@@ -376,7 +380,7 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
 
     shape = shape_from_hf_config(json.loads((artifact / "config.json").read_text()))
     weights_gb = sum(p.stat().st_size for p in artifact.glob("*.safetensors")) / planner.GB
-    plan = planner.plan_vllm(shape, target, weights_gb)
+    plan = planner.plan_vllm(shape, target, weights_gb, engine)
     recorder = Recorder("vllm_bundle", {"target": target.name, "scheme": scheme_name, "plan": plan.as_dict()})
     recorder.input("manifest.json", artifact / "manifest.json")
     source = read(artifact)
@@ -387,11 +391,15 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str) -> dict:
                 link_or_copy(path, tmp / path.name)
         flags = " ".join(plan.serve_flags())
         title = f"{scheme_name} of {source['params']['architecture']} on {target.name}"
-        write_launch_script(
-            tmp,
-            f"# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000).",
-            f'vllm serve "$(pwd)" --served-model-name {scheme_name} {flags}',
-        )
+        if engine == "transformers":  # CPU: vLLM's CPU backend has no kernel for this scheme
+            header = (
+                f"# Serve {title} with `transformers serve` (needs transformers[serving]); extra arguments go to it."
+            )
+            command = 'transformers serve "$(pwd)"'
+        else:
+            header = f"# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000)."
+            command = f'vllm serve "$(pwd)" --served-model-name {scheme_name} {flags}'
+        write_launch_script(tmp, header, command)
         (tmp / "server.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(VLLM_README.format(
             title=title, scheme=scheme_name, format=SCHEMES[scheme_name].format, engine=plan.engine, flags=flags,

@@ -170,11 +170,10 @@ def known_types(llama: LlamaCpp) -> set[str]:
     return set(re.findall(r"^\s+\d+\s+or\s+([A-Z0-9_]+)\s+:", result.stdout + result.stderr, re.MULTILINE))
 
 
-def default_tensor_types(qtype: str, checkpoint_config: dict) -> list[str]:
-    """Dynamic low-bit DeepSeek quants: attention and the first dense layers at Q6_K."""
+def default_tensor_types(qtype: str, dense: int) -> list[str]:
+    """Dynamic low-bit DeepSeek quants: attention and the first `dense` (dense-FFN) layers at Q6_K."""
     if qtype not in LOW_BIT:
         return []
-    dense = checkpoint_config.get("first_k_dense_replace") or 0
     overrides = ["attn_=Q6_K"]
     if dense:
         overrides.append(f"blk\\.({'|'.join(str(i) for i in range(dense))})\\.ffn_=Q6_K")
@@ -204,7 +203,8 @@ def quantize(
 ) -> dict:
     check_quant_request(qtype, imatrix_dir is not None, llama)
     model = verified_gguf(base)
-    overrides = tensor_types or default_tensor_types(qtype, json.loads((checkpoint / "config.json").read_text()))
+    dense = json.loads((checkpoint / "config.json").read_text()).get("first_k_dense_replace") or 0
+    overrides = tensor_types or default_tensor_types(qtype, dense)
     recorder = Recorder(
         "gguf_quantize",
         {"type": qtype, "imatrix": imatrix_dir is not None, "tensor_types": overrides, "llama.cpp": llama.versions()},

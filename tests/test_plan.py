@@ -1,0 +1,249 @@
+"""The planner: memory, size and speed arithmetic against hand-computed cases; every registry model on
+every target; a hub model outside the registry; bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+from conftest import REPO, deepcast_cli, error_of
+from deepcast import compatibility, planner, registry, sizes, tensors
+from deepcast.registry import GPU, ModelShape, Target
+from deepcast.stages import plan
+
+CONFIG = REPO / "config"
+MODELS = registry.load_models(CONFIG)
+TARGETS = sorted(p.stem for p in (CONFIG / "targets").glob("*.yaml"))
+
+
+def shape(name: str) -> ModelShape:
+    return MODELS[name].shape
+
+
+def candidate(result: plan.Plan, fmt: str, engine: str) -> plan.Candidate:
+    return next(c for c in result.candidates if c.format == fmt and c.engine == engine)
+
+
+def test_kv_cache_per_token_mla_gqa_and_mha():
+    # MLA caches the 512-wide latent and the 64-wide rope key per layer: 61 x 576 x 2 bytes.
+    assert planner.kv_bytes_per_token(shape("deepseek-r1")) == 61 * (512 + 64) * 2 == 70_272
+    # GQA: K and V for 8 KV heads of 128 in 64 layers.
+    assert planner.kv_bytes_per_token(shape("deepseek-r1-distill-qwen-32b")) == 2 * 64 * 8 * 128 * 2 == 262_144
+    # MHA: 32 KV heads in 30 layers.
+    assert planner.kv_bytes_per_token(shape("deepseek-llm-7b")) == 2 * 30 * 32 * 128 * 2 == 491_520
+
+
+def test_parameter_count_of_qwen_1_5b_by_hand():
+    embeddings = 151_936 * 1536 * 2  # untied: embed_tokens and lm_head
+    attention = 1536 * 1536 * 2 + 1536 * 256 * 2 + 1536 + 256 * 2  # q, o, k, v and the q/k/v biases
+    mlp = 3 * 1536 * 8960
+    layer = attention + mlp + 2 * 1536  # two norms
+    expected = embeddings + 28 * layer + 1536
+    assert tensors.parameter_count("Qwen2ForCausalLM", shape("deepseek-r1-distill-qwen-1.5b")) == expected
+    assert expected == 1_777_088_000
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registry_parameter_counts_agree_with_the_shapes(name):
+    entry = MODELS[name]
+    counted = tensors.parameter_count(entry.architecture, entry.shape) / 1e9
+    assert counted == pytest.approx(entry.parameters_b, rel=0.02), counted  # V2-Lite: "16B" is 15.7 B
+
+
+def test_v3_hub_checkpoint_adds_its_multi_token_prediction_layer():
+    v3 = MODELS["deepseek-v3"]
+    extra = tensors.mtp_parameter_count(v3.architecture, v3.shape) / 1e9
+    assert extra == pytest.approx(14, abs=1)  # "685B ... includes 14B of the MTP module" (V3 README)
+
+
+def test_q8_0_gguf_size_by_hand():
+    tiny = ModelShape(layers=1, hidden=256, heads=4, kv_heads=4, head_dim=64, intermediate=512, vocab=1000,
+                      max_context=2048)  # fmt: skip
+    two_d = 256 * 1000 * 2 + 4 * 256 * 256 + 3 * 256 * 512  # embeddings, output, q k v o, gate up down
+    data = two_d // 32 * 34 + 3 * 256 * 4  # Q8_0 blocks of 32 in 34 bytes; three F32 norms
+    expected = data + int(1000 * sizes.METADATA_BYTES_PER_TOKEN) + sizes.GGUF_FIXED_BYTES
+    assert sizes.gguf_size("LlamaForCausalLM", tiny, "Q8_0").total == expected
+
+
+def test_block_sizes_match_gguf_py(llama_cpp_gguf_py):
+    for name, block in sizes.GGML_BLOCK.items():
+        assert llama_cpp_gguf_py.GGML_QUANT_SIZES[llama_cpp_gguf_py.GGMLQuantizationType[name]] == block
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_gguf_py():
+    """gguf-py from the pinned llama.cpp tree (the converter's own copy)."""
+    import importlib
+    import sys
+
+    from deepcast import tools
+
+    sys.path.insert(0, str(tools.locate().root / "src" / "gguf-py"))
+    return importlib.import_module("gguf.constants")
+
+
+def test_rows_a_block_does_not_divide_fall_back_as_llama_cpp_does():
+    types = sizes.gguf_tensor_types("DeepseekV3ForCausalLM", shape("tiny-deepseek-v3"), "Q4_K_M")
+    assert types["token_embd.weight"] == "Q8_0"  # tied embeddings follow the output rule; 128 % 256
+    assert types["blk.0.ffn_down.weight"] == "Q4_K"  # 256-wide rows take the 256-block type
+    assert types["blk.0.ffn_gate.weight"] == "Q5_0"  # 128-wide rows: Q4_K falls back to Q5_0
+    assert types["blk.1.attn_output.weight"] == "Q5_1"  # 8 experts: Q5_K, and 128 % 256 -> Q5_1
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["output_norm.weight"] == "F32"
+
+
+def test_llama_cpp_split_across_four_gpus_by_hand():
+    result = plan.make_plan(CONFIG, "deepseek-r1-distill-qwen-32b", "4x2080ti", REPO, ["Q4_K_M"], True)
+    q4 = candidate(result, "Q4_K_M", "llama.cpp")
+    usable = 4 * (22 * 0.92 - 0.8)  # four cards, 92 % usable, CUDA context and buffers each
+    kv = 262_144
+    assert q4.context == 131_072  # (usable - weights) / kv is over 200k tokens: the model's maximum
+    assert (usable - q4.weights_gb) * 1e9 / kv > 131_072
+    assert q4.gpu_memory_gb == pytest.approx((q4.weights_gb + 131_072 * kv / 1e9) / 4)
+    assert q4.flags == ["-ngl", "65", "-c", "131072", "-t", "16", "--tensor-split", "1,1,1,1"]
+    # Layers run one GPU after another: the roofline is one card's bandwidth over the weights.
+    assert q4.decode_tokens_per_s == pytest.approx(616 / q4.weights_gb, rel=0.01)
+
+
+def test_vllm_without_peer_to_peer_uses_pipeline_parallel_and_its_context_is_what_is_left():
+    result = plan.make_plan(CONFIG, "deepseek-r1-distill-qwen-32b", "4x2080ti", REPO, ["gptq-w4a16"], True)
+    gptq = candidate(result, "gptq-w4a16", "vllm")
+    assert gptq.flags[:2] == ["--dtype", "float16"] and "--pipeline-parallel-size" in gptq.flags
+    bf16 = candidate(result, "bf16", "vllm")
+    budget = 4 * (22 * 0.90 - 2.0) - bf16.weights_gb
+    assert bf16.context == int(budget * 1e9 / 262_144)
+
+
+def test_tensor_parallel_over_nvlink_multiplies_the_roofline():
+    result = plan.make_plan(CONFIG, "deepseek-r1-distill-llama-70b", "4xa100-80g", REPO, ["gptq-w4a16"], True)
+    gptq = candidate(result, "gptq-w4a16", "vllm")
+    assert "--tensor-parallel-size" in gptq.flags
+    a100 = registry.load_target(CONFIG, "4xa100-80g").gpu.bandwidth_gbps
+    assert gptq.decode_tokens_per_s == pytest.approx(4 * a100 / gptq.weights_gb, rel=0.01)
+
+
+def test_moe_experts_go_to_system_ram_and_the_roofline_reads_only_the_active_ones():
+    box = Target(
+        name="box", description="one 48 GB GPU and 512 GB of RAM", system_ram_gb=512, cpu_cores=32,
+        cpu_bandwidth_gbps=100, free_disk_gb=10_000,
+        gpu=GPU(name="x", count=1, compute_capability=8.9, memory_gb=48, bandwidth_gbps=1000, bf16=True, fp8=True,
+                interconnect="none"),
+    )  # fmt: skip
+    r1 = plan.plan_model(registry.resolve_model(CONFIG, "deepseek-r1", REPO))
+    result = plan.plan_for(r1, box, CONFIG, ["Q4_K_M"], True)
+    q4 = candidate(result, "Q4_K_M", "llama.cpp")
+    assert "-ot" in q4.flags and "exps=CPU" in q4.flags
+    size = sizes.gguf_size(r1.architecture, r1.shape, "Q4_K_M", True, [])
+    dense, active_experts = size.total - size.experts, size.experts * 8 / 256
+    expected = 1 / (dense / 1000e9 + active_experts / 100e9)
+    assert q4.decode_tokens_per_s == pytest.approx(expected, rel=0.01)
+    assert q4.gpu_memory_gb == pytest.approx(q4.weights_gb - size.experts / 1e9 + q4.context * 70_272 / 1e9)
+
+
+def test_unified_memory_is_not_counted_twice():
+    # Jetson: 64 GB shared by CPU and GPU. A 32B Q4_K_M (20 GB) fits; the 16-bit GGUF (66 GB) does not,
+    # although "GPU memory" + "system RAM" would add up to 128 GB and allow a partial offload.
+    result = plan.make_plan(CONFIG, "deepseek-r1-distill-qwen-32b", "jetson-agx-orin-64g", REPO, ["Q4_K_M"], False)
+    assert candidate(result, "Q4_K_M", "llama.cpp").viable
+    bf16 = candidate(result, "BF16", "llama.cpp")
+    assert not bf16.viable and "do not fit" in bf16.reason
+
+
+def test_fp8_checkpoint_plans_its_bf16_copy_for_calibration_but_not_for_gguf():
+    result = plan.make_plan(CONFIG, "deepseek-r1", "8xh100", REPO, ["Q4_K_M"], False)
+    gptq = candidate(result, "gptq-w4a16", "vllm")
+    names = [name for name, _ in gptq.steps]
+    assert names[0] == "download (float8_e4m3fn)" and names[1].startswith("BF16 copy")
+    assert dict(gptq.steps)[names[1]] == pytest.approx(684.5 * 2, rel=0.01)  # 685B x 2 bytes
+    gguf_steps = [name for name, _ in candidate(result, "Q4_K_M", "llama.cpp").steps]
+    assert not any("BF16 copy" in name for name in gguf_steps) and "converted from FP8" in gguf_steps[1]
+
+
+def test_disk_refusal_lists_the_steps():
+    result = plan.make_plan(CONFIG, "deepseek-r1", "4x2080ti", REPO, ["IQ1_S"], False)
+    iq1 = candidate(result, "IQ1_S", "llama.cpp")
+    assert not iq1.viable and "GB of disk (download (float8_e4m3fn)" in iq1.reason and "has 2,000 GB free" in iq1.reason
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_registry_model_gets_an_answer_on_every_target(target):
+    for name in MODELS:
+        result = plan.make_plan(CONFIG, name, target, REPO, ["Q4_K_M", "gptq-w4a16"], False)
+        assert all(c.reason for c in result.candidates if not c.viable)
+        for c in result.viable:
+            assert c.context >= min(planner.MIN_CONTEXT, MODELS[name].shape.max_context)
+            assert c.decode_tokens_per_s > 0 and c.disk_gb <= result.target.free_disk_gb
+        assert result.viable or (result.nearest and "smaller model" in " ".join(result.nearest))
+
+
+def test_compatibility_rules_are_data_with_sources():
+    rules = compatibility.load(CONFIG).rules
+    assert all(rule.source and rule.reason for rule in rules)
+    turing = registry.load_target(CONFIG, "4x2080ti")
+    reason, _ = compatibility.load(CONFIG).check("tensorrt-llm", "trtllm-int4-awq", turing, "LlamaForCausalLM")
+    assert reason.startswith("current TensorRT-LLM supports Ampere")
+    h100 = registry.load_target(CONFIG, "h100")
+    reason, _ = compatibility.load(CONFIG).check("onnxruntime-genai", "onnx-int4", h100, "DeepseekV3ForCausalLM")
+    assert "not DeepSeek-V2/V3 MLA" in reason
+
+
+def test_cli_prints_ranked_and_refused_plans():
+    result = deepcast_cli("plan", "--model", "deepseek-r1-distill-qwen-32b", "--target", "4x2080ti", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Viable plans, best first" in out and "Refused" in out and "The pipeline builds:" in out
+    assert "TensorRT-LLM supports Ampere" in out
+
+
+def test_cli_json_for_a_hub_model_outside_the_registry(hub):
+    result = deepcast_cli("plan", "--model", "deepseek-test/tiny", "--target", "cpu", "--json", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["model"]["source"].startswith("hub deepseek-test/tiny@main config.json")
+    assert data["model"]["parameters"] == 18_412_696
+    assert any("/deepseek-test/tiny/resolve/main/config.json" in path for _, path, _ in hub.log)
+
+
+def test_cli_model_that_fits_nowhere_names_the_nearest_plan():
+    result = deepcast_cli("plan", "--model", "deepseek-r1", "--target", "1x4090", cwd=REPO)
+    assert result.returncode == 1
+    assert "fits nowhere on 1x4090" in result.stdout and "smaller model: " in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "nope"], "unknown target 'nope'. Valid targets: 1x3090, 1x4090"),
+        (["--model", "nosuch"], "unknown model 'nosuch'. Registry models: deepseek-llm-67b"),
+        (["--formats", "fp8", "--target", "4x2080ti"], "format fp8 is refused for target 4x2080ti"),
+        (["--formats", "Q9_X"], "unknown format 'Q9_X'"),
+    ],
+)
+def test_cli_bad_input(args, message):
+    assert message in error_of(deepcast_cli("plan", *args, cwd=REPO))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("  memory_gb: 22 #", "  #"), "gpu.memory_gb: Field required"),
+        (("compute_capability: 7.5", "compute_capability: 75"), "gpu.compute_capability: Input should be less than"),
+        (("  bandwidth_gbps: 616", "  bandwidth_gbps: -616"), "gpu.bandwidth_gbps: Input should be greater than 0"),
+        (("interconnect: none", "interconnect: infiniband"), "gpu.interconnect: Input should be 'nvlink'"),
+    ],
+)
+def test_broken_target_file_names_the_file_and_the_field(tmp_path, edit, message):
+    shutil.copytree(CONFIG, tmp_path / "config")
+    path = tmp_path / "config" / "targets" / "4x2080ti.yaml"
+    assert edit[0] in path.read_text()
+    path.write_text(path.read_text().replace(*edit))
+    said = error_of(deepcast_cli("plan", "--target", "4x2080ti", "--config-dir", str(tmp_path / "config"), cwd=REPO))
+    assert "4x2080ti.yaml: " in said and message in said and "Fix that file" in said
+
+
+def test_field_claims_page_is_what_the_planner_says():
+    spec = importlib.util.spec_from_file_location("field_claims", REPO / "bench" / "field_claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "docs" / "field-claims.md").read_text() == module.render(), "run bench/field_claims.py"

