@@ -34,7 +34,7 @@ except DeepcastError as error:
 
 # --config passes nested values as strings ("8"); the typed settings have coerced them,
 # so the config every rule sees is the validated, typed one.
-config.update(SETTINGS.model_dump())
+config.update(SETTINGS.model_dump(by_alias=True))
 validate(config, "../workflow/schemas/config.schema.json")
 
 CORPUS_DIR = f"results/corpus/{SHAKESPEARE.name}"

@@ -63,8 +63,9 @@ rule vllm_validate:
     threads: workflow.cores
     params:
         settings=stage_settings("evaluation"),
+        gates=stage_settings("validation"),
         code=fingerprint.of_stage("compress"),
     shell:
         "deepcast compress validate --bundle {input.bundle} --checkpoint {input.checkpoint}"
         " --reference {input.reference} --scheme {wildcards.scheme}"
-        " --settings {params.settings:q} --out {output.validation} > {log} 2>&1"
+        " --settings {params.settings:q} --gates {params.gates:q} --out {output.validation} > {log} 2>&1"

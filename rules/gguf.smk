@@ -136,9 +136,10 @@ rule gguf_validate:
     threads: workflow.cores
     params:
         settings=stage_settings("evaluation"),
+        gates=stage_settings("validation"),
         llama_cpp=LLAMA_CPP_OPTION,
         code=fingerprint.of_stage("gguf"),
     shell:
         "deepcast gguf validate --bundle {input.bundle} --kld-base {input.kld_base}"
-        " --reference {input.reference} --settings {params.settings:q} --threads {threads}"
+        " --reference {input.reference} --settings {params.settings:q} --gates {params.gates:q} --threads {threads}"
         " --out {output.validation} {params.llama_cpp} > {log} 2>&1"

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 from deepcast import registry, sizes, tools
-from deepcast.config import EvaluationSettings
+from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.stages import gguf
 from deepcast.stages.plan import make_plan
@@ -116,6 +116,23 @@ def test_predicted_sizes_and_tensor_types_match_the_files(base, quantized, llama
         assert predicted == actual, name
         size = sizes.gguf_size(entry.architecture, entry.shape, qtype, imatrix).total
         assert size == pytest.approx(file.stat().st_size, rel=0.001), name
+
+
+def test_gate_set_impossibly_tight_fails_validation_and_writes_nothing(
+    quantized, checkpoint, kld_base, reference_dir, llama, tmp_path
+):
+    bundle = tmp_path / "bundle"
+    gguf.bundle(
+        quantized["Q4_K_M"], checkpoint, registry.load_target(CONFIG, "cpu"), bundle, "Q4_K_M", "48G", "auto", llama
+    )
+    tight = ValidateSettings(thresholds={"*": Gate(max_perplexity_increase_percent=0.001)})
+    out = tmp_path / "validation"
+    with pytest.raises(DeepcastError, match=r"quality gate failed for .* \(Q4_K_M\): perplexity .* the gate allows"):
+        gguf.validate(bundle, kld_base, reference_dir, out, EVALUATION.context, 4, 2, llama, tight)
+    assert not out.exists()
+    warn = ValidateSettings(gates="warn", thresholds=tight.thresholds)
+    warned = gguf.validate(bundle, kld_base, reference_dir, out, EVALUATION.context, 4, 2, llama, warn)
+    assert warned["gate"]["status"] == "warned" and out.is_dir()
 
 
 def test_server_answered_and_stopped_cleanly(validated):

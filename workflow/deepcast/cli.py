@@ -196,18 +196,21 @@ def bundle(artifact, checkpoint, target_name, qtype, split_max_size, out, config
 @click.option("--reference", type=DIR, required=True)
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (quality gates).")
 @threads_option
 @llama_cpp_option
-def validate_gguf(bundle_dir, kld_dir, reference, out, raw, threads, llama_cpp) -> None:
-    """Perplexity and KL divergence against the 16-bit GGUF, and a llama-server smoke test."""
+def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, threads, llama_cpp) -> None:
+    """Perplexity and KL divergence against the 16-bit GGUF, a llama-server smoke test, the quality gate."""
     from deepcast.stages import gguf as stage
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
+    gates = _settings(settings_module.ValidateSettings, raw_gates)
     _report(
         stage.validate(
-            bundle_dir, kld_dir, reference, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp)
+            bundle_dir, kld_dir, reference, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp),
+            gates,
         )
-    )
+    )  # fmt: skip
 
 
 @main.group()
@@ -254,12 +257,14 @@ def compress_bundle(artifact, scheme, target_name, engine, config_dir, out) -> N
 @click.option("--scheme", required=True)
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
-def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw) -> None:
-    """Layout vLLM expects, perplexity on the reference tokens, and vLLM serving where possible."""
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (quality gates).")
+def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_gates) -> None:
+    """Layout vLLM expects, perplexity on the reference tokens, vLLM serving where possible, the quality gate."""
     from deepcast.stages import compress as stage
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
-    _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size))
+    gates = _settings(settings_module.ValidateSettings, raw_gates)
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size, gates))
 
 
 @main.command(name="plan")

@@ -104,6 +104,36 @@ class CompressSettings(Strict):
     )
 
 
+class Gate(Strict):
+    max_perplexity_increase_percent: float = Field(gt=0, description="Over the reference (16-bit) perplexity.")
+    max_kl_divergence: float | None = Field(default=None, gt=0, description="Mean KLD to the 16-bit model.")
+
+
+def _gates(formats: list[str], increase: float, kld: float) -> dict[str, Gate]:
+    return {fmt: Gate(max_perplexity_increase_percent=increase, max_kl_divergence=kld) for fmt in formats}
+
+
+# [D] Loose enough for every format's published quality (hardware.md F), tight enough to catch a broken one.
+DEFAULT_GATES = {
+    **_gates(["BF16", "F16"], 0.5, 0.005),
+    **_gates(["Q8_0", "int8-w8a8", "fp8"], 2.0, 0.02),
+    **_gates(["Q6_K", "Q5_K_M", "Q5_K_S"], 4.0, 0.06),
+    **_gates(["Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "IQ4_NL", "gptq-w4a16", "awq-w4a16", "rtn-w4a16"], 10.0, 0.2),
+    "*": Gate(max_perplexity_increase_percent=60.0, max_kl_divergence=1.5),  # 3 bits and fewer
+}
+
+
+class ValidateSettings(Strict):
+    gates: Literal["fail", "warn"] = Field(
+        default="fail", description="fail: a failing gate fails its rule; warn: it is recorded as a warning."
+    )
+    thresholds: dict[str, Gate] = Field(
+        default=DEFAULT_GATES,
+        description="Per format (GGUF type or compress scheme; '*' for the rest): the largest perplexity "
+        "increase over the reference and the largest KL divergence a validation accepts.",
+    )
+
+
 class ToolsSettings(Strict):
     llama_cpp: str | None = Field(
         default=None,
@@ -112,6 +142,8 @@ class ToolsSettings(Strict):
 
 
 class Settings(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     target: str = Field(default="cpu", description="Hardware target: a file name under config/targets/.")
     model: str = Field(
         default="tiny-deepseek-v3",
@@ -127,6 +159,8 @@ class Settings(Strict):
     evaluation: EvaluationSettings = EvaluationSettings()
     gguf: GGUFSettings = GGUFSettings()
     compress: CompressSettings = CompressSettings()
+    # `validate` in config.yaml; the Python name avoids pydantic's BaseModel.validate.
+    validation: ValidateSettings = Field(default=ValidateSettings(), alias="validate")
     tools: ToolsSettings = ToolsSettings()
 
     def menu(self) -> tuple[list[str], bool]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from deepcast import gates
+from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
 from deepcast.manifest import Recorder
@@ -321,7 +323,7 @@ def serving_check(artifact: Path) -> dict:
 
 
 def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, scheme_name: str,
-             batch_size: int) -> dict:  # fmt: skip
+             batch_size: int, gate_settings: ValidateSettings | None = None) -> dict:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -350,6 +352,7 @@ def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, s
         "serving": serving_check(artifact),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
+    results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, gate_settings or ValidateSettings())
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 

@@ -18,7 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deepcast import planner
+from deepcast import gates, planner
+from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import (
     atomic_path,
@@ -368,6 +369,7 @@ def validate(
     chunks: int,
     threads: int,
     llama: LlamaCpp,
+    gate_settings: ValidateSettings | None = None,
 ) -> dict:
     server = json.loads((bundle_dir / "server.json").read_text())
     model = bundle_dir / server["model"]
@@ -409,6 +411,8 @@ def validate(
     }
     # Load time: from starting the bundle's server to its first healthy answer.
     results["load_time_s"] = results["server"]["ready_s"]
+    qtype = read(bundle_dir)["params"]["type"]
+    results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, gate_settings or ValidateSettings())
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 

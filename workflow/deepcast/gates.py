@@ -1,0 +1,36 @@
+"""Quality gates: per-format thresholds from config, applied by every validation stage.
+
+A failing gate stops the rule with the artifact, the figure and the threshold (nothing is written),
+unless `validate.gates: warn`, which records the failure as a warning instead.
+"""
+
+from __future__ import annotations
+
+from deepcast.config import ValidateSettings
+from deepcast.errors import DeepcastError
+
+
+def apply(artifact: str, fmt: str, results: dict, settings: ValidateSettings) -> dict:
+    """The gate record for `results` (perplexity ratio to the reference, KL divergence where measured)."""
+    gate = settings.thresholds.get(fmt) or settings.thresholds["*"]
+    increase = (results["perplexity"] / results["perplexity_reference"] - 1) * 100
+    failures = []
+    if increase > gate.max_perplexity_increase_percent:
+        failures.append(
+            f"perplexity {results['perplexity']:.4g} is {increase:+.2f} % over the reference "
+            f"{results['perplexity_reference']:.4g}; the gate allows {gate.max_perplexity_increase_percent:+g} %"
+        )
+    kld = results.get("kl_divergence")
+    if kld is not None and gate.max_kl_divergence is not None and kld > gate.max_kl_divergence:
+        failures.append(f"KL divergence {kld:.4g} exceeds the gate's {gate.max_kl_divergence:g}")
+    if failures and settings.gates == "fail":
+        raise DeepcastError(
+            f"quality gate failed for {artifact} ({fmt}): " + "; ".join(failures) + ". Fix: use a format with "
+            "more bits, recalibrate, raise validate.thresholds for it, or set validate.gates: warn to keep it."
+        )
+    return {
+        "status": "warned" if failures else "passed",
+        "perplexity_increase_percent": round(increase, 4),
+        "thresholds": gate.model_dump(),
+        "failures": failures,
+    }
