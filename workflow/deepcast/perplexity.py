@@ -59,3 +59,37 @@ def evaluate(model, chunks: list[list[int]], batch_size: int = 4, progress=None)
             progress.update(ids.shape[0])
     mean = total_nll / scored
     return Perplexity(math.exp(mean), mean, scored, len(chunks), n_ctx)
+
+
+@dataclass
+class Comparison:
+    """A quantized model against the 16-bit one on the same scored tokens, as llama-perplexity's KLD mode."""
+
+    perplexity: float
+    kl_divergence: float  # mean KL(16-bit || quantized) per scored token
+    same_top_token_percent: float
+    tokens_scored: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def compare(model, reference_model, chunks: list[list[int]], batch_size: int = 4) -> Comparison:
+    """Perplexity, KL divergence and top-1 agreement on the second half of every chunk."""
+    n_ctx = len(chunks[0])
+    first = n_ctx // 2
+    nll = kld = same = 0.0
+    scored = 0
+    for start in range(0, len(chunks), batch_size):
+        ids = torch.tensor(chunks[start : start + batch_size])
+        quantized = torch.log_softmax(model(input_ids=ids).logits.float()[:, first : n_ctx - 1], dim=-1)
+        base = torch.log_softmax(reference_model(input_ids=ids).logits.float()[:, first : n_ctx - 1], dim=-1)
+        if not torch.isfinite(quantized).all():
+            raise ValueError("the quantized model returned NaN or infinite logits")
+        targets = ids[:, first + 1 : n_ctx]
+        nll -= quantized.gather(-1, targets.unsqueeze(-1)).double().sum().item()
+        kld += (base.exp() * (base - quantized)).sum(-1).double().sum().item()
+        same += (base.argmax(-1) == quantized.argmax(-1)).sum().item()
+        scored += targets.numel()
+    return Comparison(math.exp(nll / scored), kld / scored, 100 * same / scored, scored)

@@ -322,18 +322,31 @@ def serving_check(artifact: Path) -> dict:
     return {"status": "served", "engine": "vllm", "completion": completion}
 
 
-def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, scheme_name: str,
-             batch_size: int, gate_settings: ValidateSettings | None = None) -> dict:  # fmt: skip
+def validate(
+    artifact: Path,
+    checkpoint: Path,
+    reference_dir: Path,
+    out: Path,
+    scheme_name: str,
+    batch_size: int,
+    settings: ValidateSettings | None = None,
+    target: Target | None = None,
+    plan_file: Path | None = None,
+) -> dict:
+    """Quality against the 16-bit model on the reference tokens, smoke, speed, tasks, the gate."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deepcast import validation
     from deepcast.files import verify_checksums
-    from deepcast.perplexity import evaluate
+    from deepcast.perplexity import compare
 
+    settings = settings or ValidateSettings()
     verify_checksums(artifact)
     scheme = SCHEMES[scheme_name]
     layout = check_layout(artifact, checkpoint, scheme)
-    recorder = Recorder("compress_validate", {"scheme": scheme_name, "batch_size": batch_size})
+    engine = json.loads((artifact / "server.json").read_text())["engine"]
+    recorder = Recorder("compress_validate", {"scheme": scheme_name, "batch_size": batch_size, "engine": engine})
     recorder.input("manifest.json", artifact / "manifest.json")
     chunks = json.loads((reference_dir / "chunks.json").read_text())
     reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
@@ -342,17 +355,32 @@ def validate(artifact: Path, checkpoint: Path, reference_dir: Path, out: Path, s
     else:
         model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
         loader = "transformers (compressed-tensors decompression)"
-    result = evaluate(model.eval(), chunks, batch_size)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
+    comparison = compare(model.eval(), base, chunks, batch_size)
+    del base
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    estimate = validation.roofline(plan_file, scheme_name)
+    elsewhere = validation.hardware_here(target) if target else "no target given"
+    if engine != "transformers":
+        speed = validation.not_measured(f"{engine} is the planned engine and vLLM is not installed here", estimate)
+    elif elsewhere:
+        speed = validation.not_measured(elsewhere, estimate)
+    else:
+        speed = validation.transformers_speed(model, tokenizer, estimate)
     results = {
-        "perplexity": result.perplexity,
+        **comparison.as_dict(),
         "perplexity_reference": reference,
-        "perplexity_ratio_to_reference": round(result.perplexity / reference, 6),
+        "perplexity_ratio_to_reference": round(comparison.perplexity / reference, 6),
+        "engine": engine,
         "loaded_with": loader,
         "layout": layout,
+        "smoke": validation.transformers_smoke(model, tokenizer),
         "serving": serving_check(artifact),
+        "speed": speed,
+        "tasks": validation.tasks(settings.tasks, artifact, settings.task_limit),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
-    results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, gate_settings or ValidateSettings())
+    results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 

@@ -32,11 +32,11 @@ from deepcast.files import (
 from deepcast.manifest import Recorder, read
 from deepcast.registry import Target, shape_from_hf_config
 from deepcast.tools import LlamaCpp
+from deepcast.validation import PROMPTS, SMOKE_TOKENS, hardware_here, not_measured, roofline
 
 MODEL = "model.gguf"
 KLD_BASE = "base.kld"
 IMATRIX = "imatrix.gguf"
-SMOKE_PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 SIXTEEN_BIT = {"BF16": "bf16", "F16": "f16"}
 # DeepSeek's dynamic low-bit quants keep attention and the dense layers at higher precision.
 LOW_BIT = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS"}
@@ -369,8 +369,12 @@ def validate(
     chunks: int,
     threads: int,
     llama: LlamaCpp,
-    gate_settings: ValidateSettings | None = None,
+    settings: ValidateSettings | None = None,
+    target: Target | None = None,
+    plan_file: Path | None = None,
 ) -> dict:
+    """Perplexity and KL divergence against the 16-bit GGUF, smoke, speed on the target, tasks, the gate."""
+    settings = settings or ValidateSettings()
     server = json.loads((bundle_dir / "server.json").read_text())
     model = bundle_dir / server["model"]
     verify_checksums(bundle_dir)
@@ -412,7 +416,12 @@ def validate(
     # Load time: from starting the bundle's server to its first healthy answer.
     results["load_time_s"] = results["server"]["ready_s"]
     qtype = read(bundle_dir)["params"]["type"]
-    results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, gate_settings or ValidateSettings())
+    results["speed"] = speed(bundle_dir, llama, threads, target, roofline(plan_file, qtype))
+    results["tasks"] = {
+        "status": "skipped",
+        "reason": "lm-evaluation-harness runs transformers checkpoints; GGUF tasks through llama-server are not wired",
+    }
+    results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 
@@ -440,13 +449,11 @@ def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
                 raise DeepcastError(f"llama-server was not ready within {timeout:.0f} s; see {log.name}")
             time.sleep(0.5)
         ready_s = time.monotonic() - started
-        body = json.dumps({"prompt": SMOKE_PROMPT, "n_predict": 16, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-        content = answer.get("content", "")
-        if not content.strip():
-            raise DeepcastError(f"llama-server answered an empty completion: {answer}")
+        runs = [[_complete(url, prompt) for prompt in PROMPTS] for _ in range(2)]
+        if any(not text.strip() for text in runs[0]):
+            raise DeepcastError(f"llama-server answered an empty completion: {runs[0]}")
+        if runs[0] != runs[1]:
+            raise DeepcastError(f"greedy completions are not deterministic: {runs[0]} then {runs[1]}")
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -457,7 +464,43 @@ def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
         log.close()
     if code != 0:
         raise DeepcastError(f"llama-server did not stop cleanly (exit {code}); see {log.name}")
-    return {"ready_s": round(ready_s, 2), "completion": content, "exit_code": code}
+    return {"ready_s": round(ready_s, 2), "completions": runs[0], "deterministic": True, "exit_code": code}
+
+
+def _complete(url: str, prompt: str) -> str:
+    # No prompt cache: a reused KV prefix changes the batch shapes, and with them near-tied greedy picks.
+    body = json.dumps({"prompt": prompt, "n_predict": SMOKE_TOKENS, "temperature": 0, "cache_prompt": False}).encode()
+    request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read()).get("content", "")
+
+
+def speed(bundle_dir: Path, llama: LlamaCpp, threads: int, target: Target | None, estimate: float | None) -> dict:
+    """llama-bench (512-token prompt, 128 decoded tokens) where the target's hardware is this machine's."""
+    import resource
+
+    elsewhere = hardware_here(target) if target else "no target given"
+    if elsewhere:
+        return not_measured(elsewhere, estimate)
+    server = json.loads((bundle_dir / "server.json").read_text())
+    flags = server["server_flags"]
+    ngl = flags[flags.index("-ngl") + 1]
+    output = run_tool(
+        [llama.tool("llama-bench"), "-m", bundle_dir / server["model"], "-p", "512", "-n", "128", "-r", "2",
+         "-ngl", ngl, "-t", threads, "-o", "json"],
+        "llama-bench",
+    )  # fmt: skip
+    table = re.search(r"^\[\s*\{.*?^\]", output, re.MULTILINE | re.DOTALL)  # the JSON among the log lines
+    rows = json.loads(table.group(0))
+    rate = {("prompt" if row["n_prompt"] else "decode"): row["avg_ts"] for row in rows}
+    return {
+        "status": "measured",
+        "engine": "llama.cpp (llama-bench)",
+        "prompt_tokens_per_s": round(rate["prompt"], 1),
+        "decode_tokens_per_s": round(rate["decode"], 1),
+        "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, 3),
+        "roofline_decode_tokens_per_s": estimate,
+    }
 
 
 def _healthy(url: str) -> bool:

@@ -1,0 +1,118 @@
+"""What every validation shares: fixed smoke prompts, whether the target's hardware is on this machine,
+speed figures next to the plan's roofline, and the optional lm-evaluation-harness tasks.
+
+A figure that cannot be taken here is recorded as "not measured here" (or "not run here") with the
+reason; it is never reported as passed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from deepcast.errors import DeepcastError
+from deepcast.registry import Target
+
+PROMPTS = ["ROMEO.\n", "To be, or not to be,", "The king is dead; long live"]
+SMOKE_TOKENS = 16
+
+
+def hardware_here(target: Target) -> str | None:
+    """None when this machine is the target's kind of machine; else why figures taken here would not hold."""
+    visible = []
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True)  # fmt: skip
+        visible = [line.strip() for line in query.stdout.splitlines() if line.strip()] if query.returncode == 0 else []
+    if target.gpu is None:
+        return None  # a CPU target: this machine's CPU runs it, as the target's would
+    wanted = target.gpu.name.split()[:2]  # e.g. "H100 SXM", "RTX 4090"
+    matching = [name for name in visible if all(word.lower() in name.lower() for word in wanted)]
+    if len(matching) < target.gpu.count:
+        have = ", ".join(visible) or "no GPU"
+        return f"target {target.name} needs {target.gpu.count} x {target.gpu.name}; this machine has {have}"
+    return None
+
+
+def roofline(plan_file: Path | None, fmt: str) -> float | None:
+    """The plan's decode upper bound for this format on the target (tokens/s)."""
+    if plan_file is None or not plan_file.is_file():
+        return None
+    plan = json.loads(plan_file.read_text())
+    for candidate in plan["candidates"]:
+        if candidate["format"] == fmt and candidate["viable"]:
+            return candidate["decode_tokens_per_s"]
+    return None
+
+
+def not_measured(reason: str, estimate: float | None) -> dict:
+    return {"status": "not measured here", "reason": reason, "roofline_decode_tokens_per_s": estimate}
+
+
+def transformers_smoke(model, tokenizer) -> dict:
+    """Greedy completions of the fixed prompts, twice: non-empty, finite, identical."""
+    import torch
+
+    runs = []
+    for _ in range(2):
+        texts = []
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+                if not torch.isfinite(logits).all():
+                    raise DeepcastError(f"the model returned NaN or infinite logits for prompt {prompt!r}.")
+                out = model.generate(ids, max_new_tokens=SMOKE_TOKENS, do_sample=False)
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        runs.append(texts)
+    if any(not text.strip() for text in runs[0]):
+        raise DeepcastError(f"greedy generation gave an empty completion: {runs[0]}")
+    if runs[0] != runs[1]:
+        raise DeepcastError(f"greedy generation is not deterministic: {runs[0]} then {runs[1]}")
+    return {"status": "passed", "engine": "transformers", "deterministic": True, "completions": runs[0]}
+
+
+def transformers_speed(
+    model, tokenizer, estimate: float | None, prompt_tokens: int = 256, new_tokens: int = 32
+) -> dict:
+    """Prompt and decode tokens per second through transformers on this machine, and the peak RSS."""
+    import resource
+
+    import torch
+
+    ids = torch.randint(100, tokenizer.vocab_size - 1, (1, prompt_tokens))
+    with torch.no_grad():
+        started = time.perf_counter()
+        model(input_ids=ids)
+        prompt_s = time.perf_counter() - started
+        started = time.perf_counter()
+        model.generate(ids[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        decode_s = time.perf_counter() - started
+    return {
+        "status": "measured",
+        "engine": "transformers",
+        "prompt_tokens_per_s": round(prompt_tokens / prompt_s, 1),
+        "decode_tokens_per_s": round(new_tokens / decode_s, 1),
+        "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+        "roofline_decode_tokens_per_s": estimate,
+    }
+
+
+def tasks(names: list[str], pretrained: Path, limit: int) -> dict:
+    """lm-evaluation-harness tasks where the harness and their data are available; skipped with the reason."""
+    if not names:
+        return {"status": "skipped", "reason": "no tasks configured (validate.tasks)"}
+    if importlib.util.find_spec("lm_eval") is None:
+        reason = "lm-evaluation-harness is not installed (pip install lm-eval; its task data come from the hub)"
+        return {"status": "skipped", "tasks": names, "reason": reason}
+    import lm_eval
+
+    try:
+        out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={pretrained}", tasks=names, limit=limit)
+    except Exception as error:  # the harness raises many kinds when a task's data cannot be fetched
+        return {"status": "skipped", "tasks": names, "reason": f"lm-evaluation-harness could not run them: {error}"}
+    return {"status": "measured", "tasks": names, "limit": limit, "results": out["results"]}
