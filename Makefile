@@ -27,6 +27,8 @@ tools: $(STAMP)
 
 run: install
 	$(BIN)/snakemake --cores all
+	$(BIN)/snakemake --cores 1 --report report.html
+	$(BIN)/deepcast report
 
 test: install
 	$(BIN)/pytest

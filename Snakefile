@@ -13,6 +13,9 @@ min_version("9.12")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/plan.smk"
 include: "rules/corpus.smk"
@@ -21,6 +24,7 @@ include: "rules/calibrate.smk"
 include: "rules/reference.smk"
 include: "rules/gguf.smk"
 include: "rules/compress.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -32,3 +36,10 @@ rule all:
         reference=reference_dir(),
         gguf=gguf_outputs(),
         compressed=compress_outputs(),
+        summary=summary_outputs(),
+
+
+# The target-independent part of `all`: what `deepcast rebuild` builds under its machine-wide lock.
+rule shared:
+    input:
+        shared=shared_outputs(),

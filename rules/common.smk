@@ -112,8 +112,7 @@ def gguf_variants():
 
 
 def gguf_outputs():
-    prefix = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}/llama.cpp"
-    return [f"{prefix}/{quant}/validation" for quant in gguf_variants()]
+    return [f"{target_dir()}/llama.cpp/{quant}/validation" for quant in gguf_variants()]
 
 
 def gguf_quant_type(wildcards):
@@ -162,8 +161,7 @@ def compress_engine(wildcards):
 
 
 def compress_outputs():
-    target_dir = f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
-    return [f"{target_dir}/vllm/{scheme}/validation" for scheme in compress_schemes()]
+    return [f"{target_dir()}/vllm/{scheme}/validation" for scheme in compress_schemes()]
 
 
 def plan_notes():
@@ -187,13 +185,17 @@ def plan_inputs(wildcards):
 
 def plan_options(wildcards, input):
     options = [f"--shape-from {input.checkpoint}"] if "checkpoint" in input.keys() else []
-    if SETTINGS.formats is not None:
-        options.append(f"--formats {','.join(SETTINGS.formats)}")
+    menu, explicit = SETTINGS.menu()
+    options.append(f"{'--formats' if explicit else '--menu'} {','.join(menu)}")
     return " ".join(options)
 
 
+def target_dir():
+    return f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
+
+
 def plan_file():
-    return f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}/plan.json"
+    return f"{target_dir()}/plan.json"
 
 
 plan_notes()
@@ -203,3 +205,27 @@ def compress_recipe(wildcards):
     return SETTINGS.compress.recipes.get(
         wildcards.scheme, f"{CONFIG_DIR}/recipes/{wildcards.scheme}.yaml"
     )
+
+
+def report_inputs(wildcards):
+    """Everything the summary reads: the plan, the reference, every validation the plan asked for."""
+    return {
+        "plan": plan_file(),
+        "reference": reference_dir(),
+        "validations": gguf_outputs() + compress_outputs(),
+    }
+
+
+def summary_outputs():
+    return [f"{target_dir()}/summary/table.html"]
+
+
+def shared_outputs():
+    """The target-independent artifacts this target's plan needs (computed once, cached across runs)."""
+    outputs = [checkpoint_dir(), calibration_dir(), reference_dir()]
+    for quant in gguf_variants():
+        qtype = quant.removesuffix(NO_IMATRIX)
+        outputs.append(f"{model_dir()}/gguf/{SIXTEEN_BIT.get(qtype, quant)}")
+    if gguf_variants():
+        outputs.append(f"{model_dir()}/gguf/kld-base")
+    return outputs + [f"{model_dir()}/compressed/{scheme}" for scheme in compress_schemes()]

@@ -12,16 +12,18 @@ rule compress:
         compressed=directory("results/models/{model}/{revision}/compressed/{scheme}"),
     log:
         "logs/{model}/{revision}/compress_{scheme}.log",
-    benchmark:
-        "benchmarks/{model}/{revision}/compress_{scheme}.tsv"
+    # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
+    # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
+    cache: "omit-software"
     conda:
         "../envs/llm-compressor.yaml"
     threads: workflow.cores
     params:
+        scheme="{scheme}",
         code=fingerprint.of_stage("compress"),
     shell:
         "deepcast compress run --checkpoint {input.checkpoint} --calibration {input.calibration}"
-        " --scheme {wildcards.scheme} --recipe {input.recipe} --out {output.compressed} > {log} 2>&1"
+        " --scheme {params.scheme} --recipe {input.recipe} --out {output.compressed} > {log} 2>&1"
 
 
 rule vllm_bundle:
@@ -52,6 +54,7 @@ rule vllm_validate:
         bundle="results/targets/{target}/{model}/{revision}/vllm/{scheme}/bundle",
         checkpoint="results/models/{model}/{revision}/checkpoint",
         reference="results/models/{model}/{revision}/reference",
+        plan="results/targets/{target}/{model}/{revision}/plan.json",
     output:
         validation=directory("results/targets/{target}/{model}/{revision}/vllm/{scheme}/validation"),
     log:
@@ -64,8 +67,12 @@ rule vllm_validate:
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),
+        config_dir=CONFIG_DIR,
+        target=TARGET_PROFILE_DIGEST,
         code=fingerprint.of_stage("compress"),
     shell:
         "deepcast compress validate --bundle {input.bundle} --checkpoint {input.checkpoint}"
         " --reference {input.reference} --scheme {wildcards.scheme}"
-        " --settings {params.settings:q} --gates {params.gates:q} --out {output.validation} > {log} 2>&1"
+        " --settings {params.settings:q} --gates {params.gates:q}"
+        " --target {wildcards.target} --config-dir {params.config_dir} --plan {input.plan}"
+        " --out {output.validation} > {log} 2>&1"

@@ -10,15 +10,17 @@ rule gguf_convert:
         gguf=directory("results/models/{model}/{revision}/gguf/{dtype}"),
     log:
         "logs/{model}/{revision}/gguf_convert_{dtype}.log",
-    benchmark:
-        "benchmarks/{model}/{revision}/gguf_convert_{dtype}.tsv"
+    # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
+    # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
+    cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
     params:
+        dtype="{dtype}",
         llama_cpp=LLAMA_CPP_OPTION,
         code=fingerprint.of_stage("gguf"),
     shell:
-        "deepcast gguf convert --checkpoint {input.checkpoint} --outtype {wildcards.dtype}"
+        "deepcast gguf convert --checkpoint {input.checkpoint} --outtype {params.dtype}"
         " --out {output.gguf} {params.llama_cpp} > {log} 2>&1"
 
 
@@ -30,8 +32,9 @@ rule gguf_imatrix:
         imatrix=directory("results/models/{model}/{revision}/gguf/imatrix"),
     log:
         "logs/{model}/{revision}/gguf_imatrix.log",
-    benchmark:
-        "benchmarks/{model}/{revision}/gguf_imatrix.tsv"
+    # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
+    # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
+    cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
     threads: workflow.cores
@@ -52,8 +55,9 @@ rule gguf_quantize:
         gguf=directory("results/models/{model}/{revision}/gguf/{quant}"),
     log:
         "logs/{model}/{revision}/gguf_quantize_{quant}.log",
-    benchmark:
-        "benchmarks/{model}/{revision}/gguf_quantize_{quant}.tsv"
+    # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
+    # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
+    cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
     threads: workflow.cores
@@ -76,8 +80,9 @@ rule gguf_kld_base:
         kld_base=directory("results/models/{model}/{revision}/gguf/kld-base"),
     log:
         "logs/{model}/{revision}/gguf_kld_base.log",
-    benchmark:
-        "benchmarks/{model}/{revision}/gguf_kld_base.tsv"
+    # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
+    # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
+    cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
     threads: workflow.cores
@@ -123,6 +128,7 @@ rule gguf_validate:
         bundle="results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/bundle",
         kld_base="results/models/{model}/{revision}/gguf/kld-base",
         reference="results/models/{model}/{revision}/reference",
+        plan="results/targets/{target}/{model}/{revision}/plan.json",
     output:
         validation=directory(
             "results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/validation"
@@ -137,9 +143,12 @@ rule gguf_validate:
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),
+        config_dir=CONFIG_DIR,
+        target=TARGET_PROFILE_DIGEST,
         llama_cpp=LLAMA_CPP_OPTION,
         code=fingerprint.of_stage("gguf"),
     shell:
         "deepcast gguf validate --bundle {input.bundle} --kld-base {input.kld_base}"
-        " --reference {input.reference} --settings {params.settings:q} --gates {params.gates:q} --threads {threads}"
+        " --reference {input.reference} --settings {params.settings:q} --gates {params.gates:q}"
+        " --target {wildcards.target} --config-dir {params.config_dir} --plan {input.plan} --threads {threads}"
         " --out {output.validation} {params.llama_cpp} > {log} 2>&1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,25 @@ def test_default_run_leaves_every_artifact_with_its_manifest(default_run):
     perplexity = json.loads((default_run / MODEL_DIR / "reference" / "perplexity.json").read_text())
     assert perplexity["perplexity"] <= 200
     assert (default_run / "logs/tiny-deepseek-v3/v1/download.log").exists()
+
+
+def test_summary_and_report_show_every_artifact_with_real_figures(default_run):
+    summary = default_run / "results/targets/cpu/tiny-deepseek-v3/v1/summary"
+    rows = {row["artifact"]: row for row in json.loads((summary / "rows.json").read_text())}
+    assert set(rows) == {"llama.cpp/Q4_K_M", "vllm/gptq-w4a16"}
+    for row in rows.values():
+        assert row["gate"] == "passed" and row["perplexity"] > 0 and row["smoke"].startswith("passed")
+    assert rows["llama.cpp/Q4_K_M"]["kl_divergence"] > 0 and rows["vllm/gptq-w4a16"]["kl_divergence"] > 0
+    assert "<svg" in (summary / "quality-vs-size.svg").read_text()
+    assert "Refused" in (summary / "plan.html").read_text()
+    page = default_run / "report.html"
+    built = snakemake(default_run, "--report", str(page), "--config", *QUICK)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert page.stat().st_size > 10_000
+    shown = subprocess.run([str(SNAKEMAKE.with_name("deepcast")), "report", "--config-dir", str(REPO / "config")],
+                           capture_output=True, text=True, cwd=default_run, env=ENV)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "llama.cpp/Q4_K_M" in shown.stdout and "passed" in shown.stdout
 
 
 def test_second_run_does_nothing_and_says_so(default_run):
@@ -194,3 +214,52 @@ def test_empty_calibration_source_stops_before_any_work(tmp_path):
     assert result.returncode != 0
     assert f"calibration source {empty} is empty" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def planned_jobs(workdir: Path, *config: str) -> set[str]:
+    """The rules a dry run would run after a change of config, from Snakemake's job table."""
+    result = snakemake(workdir, "-n", "--config", *QUICK, *config)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(re.findall(r"^rule (\w+):", result.stdout, re.MULTILINE)) - {"all"}
+
+
+def test_an_unrelated_key_reruns_nothing(default_run):
+    assert planned_jobs(default_run, "compress={schemes: [gptq-w4a16], recipes: {awq-w4a16: /elsewhere.yaml}}") == set()
+
+
+def test_calibration_settings_rerun_exactly_the_quantizers_that_read_them(default_run):
+    jobs = planned_jobs(default_run, "calibration={samples: 8}")
+    assert jobs == {"calibrate", "gguf_imatrix", "gguf_quantize", "compress", "gguf_bundle", "vllm_bundle",
+                    "gguf_validate", "vllm_validate", "report"}  # fmt: skip
+    # Not the download, the corpus, the reference, the 16-bit GGUF or its logits: they do not read them.
+
+
+def test_a_bundle_setting_reruns_only_the_bundle_and_what_follows(default_run):
+    assert planned_jobs(default_run, "gguf={split_max_size: 40G}") == {"gguf_bundle", "gguf_validate", "report"}
+
+
+@pytest.mark.parametrize("artifact", ["gguf/Q4_K_M", "compressed/gptq-w4a16"])
+def test_reproduce_rebuilds_bit_identical_artifacts_on_the_cpu(default_run, artifact):
+    result = subprocess.run([str(SNAKEMAKE.with_name("deepcast")), "reproduce", f"{MODEL_DIR}/{artifact}"],
+                            capture_output=True, text=True, cwd=default_run, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["bit_identical"] and report["files_compared"] >= 1 and not report["differing_files"]
+
+
+def test_a_broken_artifact_fails_validation_and_is_not_reported_as_passed(default_run):
+    """Runs last: it breaks the default run's Q4_K_M bundle."""
+    target = default_run / "results/targets/cpu/tiny-deepseek-v3/v1/llama.cpp/Q4_K_M"
+    gguf_file = target / "bundle" / "model.gguf"
+    data = gguf_file.read_bytes()
+    gguf_file.unlink()  # a hard link to the shared artifact: replace it, do not write through it
+    gguf_file.write_bytes(data[: len(data) // 2])
+    result = snakemake(default_run, "--forcerun", "gguf_validate", "--config", *QUICK)
+    assert result.returncode != 0
+    log = (default_run / "logs/cpu/tiny-deepseek-v3/v1/gguf_validate_Q4_K_M.log").read_text()
+    assert "does not match its SHA256SUMS" in log and "model.gguf: FAILED" in log
+    assert not (target / "validation").exists()
+    shown = subprocess.run([str(SNAKEMAKE.with_name("deepcast")), "report", "--config-dir", str(REPO / "config")],
+                           capture_output=True, text=True, cwd=default_run, env=ENV)  # fmt: skip
+    assert shown.returncode == 1
+    assert "not validated" in shown.stdout

@@ -27,6 +27,23 @@ def _settings(model: type[BaseModel], raw: str) -> BaseModel:
         raise DeepcastError(f"invalid --settings: {error}") from None
 
 
+def target_options(command):
+    """--target, --config-dir and --plan for validations: where the figures would hold, and the roofline."""
+    command = click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="The target's plan.json.")(
+        command
+    )
+    command = click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)(
+        command
+    )
+    return click.option("--target", "target_name", help="The target the bundle is for.")(command)
+
+
+def _target(name: str | None, config_dir: Path):
+    from deepcast import registry
+
+    return registry.load_target(config_dir, name) if name else None
+
+
 def _report(results: dict) -> None:
     click.echo(json.dumps(results, indent=2, sort_keys=True))
 
@@ -196,19 +213,22 @@ def bundle(artifact, checkpoint, target_name, qtype, split_max_size, out, config
 @click.option("--reference", type=DIR, required=True)
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
-@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (quality gates).")
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates, tasks).")
+@target_options
 @threads_option
 @llama_cpp_option
-def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, threads, llama_cpp) -> None:
-    """Perplexity and KL divergence against the 16-bit GGUF, a llama-server smoke test, the quality gate."""
+def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, target_name, config_dir, plan_file, threads,
+                  llama_cpp) -> None:  # fmt: skip
+    """Perplexity and KL divergence against the 16-bit GGUF, smoke, speed, the quality gate."""
     from deepcast.stages import gguf as stage
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
+    target = _target(target_name, config_dir)
     _report(
         stage.validate(
             bundle_dir, kld_dir, reference, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp),
-            gates,
+            gates, target, plan_file,
         )
     )  # fmt: skip
 
@@ -257,34 +277,39 @@ def compress_bundle(artifact, scheme, target_name, engine, config_dir, out) -> N
 @click.option("--scheme", required=True)
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
-@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (quality gates).")
-def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_gates) -> None:
-    """Layout vLLM expects, perplexity on the reference tokens, vLLM serving where possible, the quality gate."""
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates, tasks).")
+@target_options
+def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_gates, target_name, config_dir,
+                      plan_file) -> None:  # fmt: skip
+    """Quality against the 16-bit model, layout, smoke, speed, serving where possible, the quality gate."""
     from deepcast.stages import compress as stage
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
-    _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size, gates))
+    target = _target(target_name, config_dir)
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size, gates, target,
+                           plan_file))  # fmt: skip
 
 
 @main.command(name="plan")
 @click.option("--model", "model_spec", help="Registry name, hub id org/name[@revision] or local directory.")
 @click.option("--target", "target_name", help="A file name under config/targets/.")
 @click.option("--formats", help="Comma-separated formats to narrow the plan to (default: config's gguf and compress).")
+@click.option("--menu", help="Comma-separated formats to choose from, dropping refused ones (what a run configured).")
 @click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--shape-from", type=click.Path(path_type=Path), help="A downloaded checkpoint to read config.json from.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the JSON plan to this file (atomically).")
-def plan_command(model_spec, target_name, formats, config_dir, as_json, shape_from, out) -> None:
+def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, shape_from, out) -> None:
     """What fits and runs on a target, ranked, with the arithmetic; what is refused and why."""
     from deepcast.stages import plan as planning
 
     settings = settings_module.load_file(config_dir / "config.yaml")
-    menu, explicit = settings.menu()
-    if formats:
-        menu, explicit = [f.strip() for f in formats.split(",") if f.strip()], True
+    choices, explicit = settings.menu()
+    if formats or menu:
+        choices, explicit = [f.strip() for f in (formats or menu).split(",") if f.strip()], bool(formats)
     result = planning.make_plan(
-        config_dir, model_spec or settings.model, target_name or settings.target, config_dir.resolve().parent, menu,
+        config_dir, model_spec or settings.model, target_name or settings.target, config_dir.resolve().parent, choices,
         explicit, shape_from,
     )  # fmt: skip
     if out:
@@ -298,6 +323,119 @@ def plan_command(model_spec, target_name, formats, config_dir, as_json, shape_fr
         planning.print_plan(result)
     if not result.viable:
         sys.exit(1)
+
+
+@main.group(name="report", invoke_without_command=True)
+@click.option("--model", "model_spec", help="Registry name or hub id (default: config.yaml's).")
+@click.option("--target", "target_name", help="Target name (default: config.yaml's).")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
+@click.option("--html", "html_out", type=click.Path(path_type=Path), help="Also build Snakemake's report here.")
+@click.option("--model-from", type=click.Path(exists=True, path_type=Path), help="A `deepcast rebuild --record` file.")
+@click.pass_context
+def report_group(context, model_spec, target_name, config_dir, html_out, model_from) -> None:
+    """The artifact table of a model on a target, from its validations; --html builds the report page."""
+    if context.invoked_subcommand:
+        return
+    import subprocess
+
+    from deepcast import registry
+    from deepcast.stages import report as stage
+
+    settings = settings_module.load_file(config_dir / "config.yaml")
+    target = target_name or settings.target
+    if model_from:
+        model_spec = json.loads(model_from.read_text())["model"]
+    model = registry.resolve_model(config_dir, model_spec or settings.model, config_dir.resolve().parent)
+    target_dir = Path("results/targets") / target / model.name / model.path_revision
+    plan_file = target_dir / "plan.json"
+    if not plan_file.is_file():
+        raise DeepcastError(f"no plan at {plan_file}. Fix: run the pipeline for target {target} first (make run).")
+    rows = stage.collect(target_dir, json.loads(plan_file.read_text())["model"]["parameters"])
+    stage.print_table(rows, f"{model.name} @ {model.revision} on {target}")
+    if html_out:
+        snakemake = Path(sys.executable).with_name("snakemake")
+        config = [f"target={target}", f"model={model_spec or settings.model}"]
+        command = [snakemake, "--cores", "1", "--report", str(html_out), "--config", *config]
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise DeepcastError(f"snakemake --report failed:\n{built.stderr[-2000:]}")
+        click.echo(f"report: {html_out}")
+    if any(row.gate != "passed" for row in rows):
+        sys.exit(1)
+
+
+@report_group.command(name="summary")
+@click.option("--target-dir", type=DIR, required=True)
+@click.option("--plan", "plan_file", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--reference", type=DIR, required=True)
+@click.option("--out", type=OUT, required=True)
+def report_summary(target_dir, plan_file, reference, out) -> None:
+    """Table, quality-against-size plot, plan and provenance pages for Snakemake's report."""
+    from deepcast.stages import report as stage
+
+    _report(stage.summary(target_dir, plan_file, reference, out))
+
+
+@main.command(name="reproduce")
+@click.argument("artifact", type=DIR)
+@click.option(
+    "--scratch", type=click.Path(path_type=Path), help="Where to rebuild (default: a new temporary directory)."
+)
+def reproduce_command(artifact, scratch) -> None:
+    """Rebuild ARTIFACT from its manifest's command in a scratch directory and compare every file's sha256."""
+    from deepcast.reproduce import reproduce
+
+    result = reproduce(artifact, scratch)
+    _report(result)
+    if not result["reproduced"]:
+        sys.exit(1)
+
+
+RULES_OF_STAGE = {
+    "download": ["download"], "calibrate": ["calibrate"], "reference": ["reference"], "plan": ["plan"],
+    "gguf": ["gguf_convert"], "imatrix": ["gguf_imatrix"], "quantize": ["gguf_quantize"], "compress": ["compress"],
+    "bundle": ["gguf_bundle", "vllm_bundle"], "validate": ["gguf_validate", "vllm_validate"], "report": ["report"],
+}  # fmt: skip
+
+
+@main.command(name="rerun", context_settings={"ignore_unknown_options": True})
+@click.argument("stage", type=click.Choice(sorted(RULES_OF_STAGE)))
+@click.option("--target", "target_name", required=True)
+@click.option("--model", "model_spec", help="Default: config.yaml's.")
+@click.option("--cores", default="all", show_default=True)
+@click.argument("snakemake_args", nargs=-1, type=click.UNPROCESSED)
+def rerun(stage, target_name, model_spec, cores, snakemake_args) -> None:
+    """Run one stage again for a target, and everything that depends on it (snakemake --forcerun)."""
+    import subprocess
+
+    config = [f"target={target_name}", *([f"model={model_spec}"] if model_spec else [])]
+    command = [str(Path(sys.executable).with_name("snakemake")), "--cores", cores, "--forcerun", *RULES_OF_STAGE[stage],
+               *snakemake_args, "--config", *config]  # fmt: skip
+    click.echo("$ " + " ".join(command), err=True)
+    sys.exit(subprocess.run(command).returncode)
+
+
+@main.command(name="rebuild", context_settings={"ignore_unknown_options": True})
+@click.option("--target", "target_name", required=True)
+@click.option("--model", "model_spec", help="Default: config.yaml's.")
+@click.option("--cores", default="all", show_default=True)
+@click.option("--formats", help="Comma-separated formats to narrow the plan to.")
+@click.option("--scope", type=click.Choice(["all", "shared", "download"]), default="all", show_default=True,
+              help="shared: only the target-independent work; download: only the checkpoint.")  # fmt: skip
+@click.option("--record", type=click.Path(path_type=Path), help="Write the pinned model and the exit status here.")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
+@click.argument("snakemake_args", nargs=-1, type=click.UNPROCESSED)
+def rebuild(target_name, model_spec, cores, formats, scope, record, config_dir, snakemake_args) -> None:
+    """Resolve the model's upstream revision to its commit now, then build for the target: a moved
+    upstream builds the new commit's artifacts, an unmoved one finds everything up to date. The
+    target-independent work is built first, under a machine-wide lock per model commit."""
+    from deepcast import rebuild as rebuild_module
+    from deepcast import registry
+
+    spec = model_spec or settings_module.load_file(config_dir / "config.yaml").model
+    model = registry.resolve_model(config_dir, spec, config_dir.resolve().parent)
+    narrowed = [f.strip() for f in formats.split(",")] if formats else None
+    sys.exit(rebuild_module.run(model, spec, target_name, cores, narrowed, scope, list(snakemake_args), record))
 
 
 @main.group(name="config")

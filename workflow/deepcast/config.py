@@ -127,6 +127,12 @@ class ValidateSettings(Strict):
     gates: Literal["fail", "warn"] = Field(
         default="fail", description="fail: a failing gate fails its rule; warn: it is recorded as a warning."
     )
+    tasks: list[str] = Field(
+        default=["hellaswag", "piqa", "winogrande"],
+        description="lm-evaluation-harness tasks, run where the harness and their data are available "
+        "(skipped with the reason otherwise).",
+    )
+    task_limit: int = Field(default=200, ge=1, description="Examples per task.")
     thresholds: dict[str, Gate] = Field(
         default=DEFAULT_GATES,
         description="Per format (GGUF type or compress scheme; '*' for the rest): the largest perplexity "

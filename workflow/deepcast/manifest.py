@@ -28,12 +28,18 @@ TOOLS = (
 
 
 def tool_versions() -> dict[str, str]:
+    """Package versions, and the compute backend: "cuda" (with its version and GPU) when the stage used a
+    GPU, whose kernels are not bit-exact across runs; "cpu" otherwise."""
     versions = {"python": platform.python_version()}
     for name in TOOLS:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    torch = sys.modules.get("torch")  # only a stage that imported torch can have used a GPU
+    versions["backend"] = "cpu"
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        versions |= {"backend": "cuda", "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()}
     return versions
 
 

@@ -309,6 +309,7 @@ class Plan:
             "target": self.target.model_dump(),
             "menu": self.menu,
             "chosen": [c.format for c in self.chosen],
+            "chosen_engines": {c.format: c.engine for c in self.chosen},
             "notes": self.notes,
             "nearest": self.nearest,
             "candidates": [{**asdict(c), "disk_gb": round(c.disk_gb, 3)} for c in self.candidates],

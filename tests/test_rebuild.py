@@ -1,0 +1,96 @@
+"""Scheduled rebuilds: the upstream revision is resolved to its commit first; a moved upstream builds
+the new commit's artifacts, an unmoved one (or an unchanged local source) runs nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import EMBEDDED, REPO
+from hubserver import create_repo
+
+DEEPCAST = Path(sys.executable).with_name("deepcast")
+ENV_PATH = {"PATH": f"{DEEPCAST.parent}:/usr/bin:/bin"}
+
+
+def rebuild(workdir: Path, model: str) -> subprocess.CompletedProcess:
+    """Rebuild up to the download for the cpu target (the rest of the DAG hangs off the checkpoint)."""
+    import os
+
+    return subprocess.run(
+        [str(DEEPCAST), "rebuild", "--target", "cpu", "--model", model, "--cores", "2", "--config-dir",
+         str(REPO / "config"), "--scope", "download", "-s", str(REPO / "Snakefile"), "-d", str(workdir)],
+        capture_output=True, text=True, env={**os.environ, **ENV_PATH},
+    )  # fmt: skip
+
+
+def downloads(result: subprocess.CompletedProcess) -> list[str]:
+    said = result.stdout + result.stderr
+    return [line for line in said.splitlines() if line.startswith("Shell command: deepcast download")]
+
+
+def test_a_moved_upstream_builds_the_new_commit_and_an_unmoved_one_nothing(hub, tmp_path):
+    first = rebuild(tmp_path, "deepseek-test/tiny")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"deepseek-test/tiny -> deepseek-test/tiny@{hub.shas[-1]}" in first.stderr
+    assert (tmp_path / f"results/models/deepseek-test--tiny/{hub.shas[-1]}/checkpoint/config.json").is_file()
+
+    again = rebuild(tmp_path, "deepseek-test/tiny")
+    assert again.returncode == 0 and "Shell command:" not in again.stdout + again.stderr
+
+    files = {p.name: p.read_bytes() for p in EMBEDDED.iterdir() if p.is_file()}
+    moved = dict(files, **{"config.json": json.dumps({**json.loads(files["config.json"]), "note": "moved"}).encode()})
+    old = {**files, "config.json": json.dumps({**json.loads(files["config.json"]), "deepcast_test_revision": "first"},
+                                              indent=2).encode()}  # fmt: skip
+    shas = create_repo(hub.root_dir, "deepseek-test/tiny", [old, files, moved])
+    assert shas[:2] == hub.shas
+    pushed = rebuild(tmp_path, "deepseek-test/tiny")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert len(downloads(pushed)) == 1 and f"--revision {shas[-1]}" in downloads(pushed)[0]
+    config = tmp_path / f"results/models/deepseek-test--tiny/{shas[-1]}/checkpoint/config.json"
+    assert json.loads(config.read_text())["note"] == "moved"
+    assert (tmp_path / f"results/models/deepseek-test--tiny/{hub.shas[-1]}/checkpoint").is_dir()  # kept
+
+
+def test_a_changed_local_source_reruns_its_download(tmp_path):
+    source = tmp_path / "my-model"
+    shutil.copytree(EMBEDDED, source)
+    workdir = tmp_path / "run"
+    assert rebuild(workdir, str(source)).returncode == 0
+    unchanged = rebuild(workdir, str(source))
+    assert unchanged.returncode == 0 and "Shell command:" not in unchanged.stdout + unchanged.stderr
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "note": "edited"}, indent=2))
+    edited = rebuild(workdir, str(source))
+    assert edited.returncode == 0 and len(downloads(edited)) == 1
+
+
+def test_two_targets_rebuilt_at_once_compute_the_shared_work_once(tmp_path):
+    import os
+
+    env = {**os.environ, **ENV_PATH, "SNAKEMAKE_OUTPUT_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "cache").mkdir()
+    runs = {}
+    for target in ("cpu", "4x2080ti"):
+        log = open(tmp_path / f"{target}.log", "w")  # noqa: SIM115
+        command = [str(DEEPCAST), "rebuild", "--target", target, "--model", "tiny-deepseek-v3", "--cores", "1",
+                   "--formats", "Q8_0", "--scope", "shared", "--config-dir", str(REPO / "config"),
+                   "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / target)]  # fmt: skip
+        runs[target] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    for process, log in runs.values():
+        assert process.wait(timeout=1200) == 0
+        log.close()
+    logs = {target: (tmp_path / f"{target}.log").read_text() for target in runs}
+    for artifact in ("checkpoint", "calibration", "reference", "gguf/bf16", "gguf/imatrix", "gguf/Q8_0",
+                     "gguf/kld-base"):  # fmt: skip
+        computed = [
+            t
+            for t, text in logs.items()
+            if f"Moving output file results/models/tiny-deepseek-v3/v1/{artifact} to cache" in text
+        ]
+        assert len(computed) == 1, (artifact, computed)
+        for target in runs:
+            assert (tmp_path / target / "results/models/tiny-deepseek-v3/v1" / artifact / "manifest.json").is_file()

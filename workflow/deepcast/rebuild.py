@@ -1,0 +1,82 @@
+"""Scheduled rebuilds: pin each model to the commit its upstream revision points at now, then run the
+pipeline. Artifacts live under the resolved commit, so when upstream moved the new commit's artifacts
+are built (and only they); when nothing moved, Snakemake finds everything up to date.
+
+Two rebuilds for different targets on one machine (separate checkouts or work directories sharing
+SNAKEMAKE_OUTPUT_CACHE) build the target-independent work under one lock per model commit: the
+first computes it into the cache, the second waits and then takes it from there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from deepcast import hub
+from deepcast.errors import DeepcastError
+from deepcast.files import cache_root
+from deepcast.registry import ModelRef
+
+COMMIT = 40  # hex digits of a full commit sha
+
+
+def resolve_revision(model: ModelRef) -> str:
+    """The commit a hub model's revision points at now; local sources keep their label (their files
+    are rule inputs, so a changed file reruns what depends on it)."""
+    if model.hub_id is None or len(model.revision) == COMMIT:
+        return model.revision
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(endpoint=hub.endpoint(), token=hub.token()).model_info(model.hub_id, revision=model.revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError, OSError) as error:
+        raise DeepcastError(
+            f"cannot resolve {model.hub_id}@{model.revision} on {hub.endpoint()}: {error}. "
+            "Fix: check the id, the revision and HF_TOKEN."
+        ) from None
+    return info.sha
+
+
+@contextmanager
+def shared_work_lock(key: str):
+    """A machine-wide lock per model commit, held while the target-independent work is built."""
+    path = cache_root() / "locks" / (key.replace("/", "--") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list[str] | None, scope: str,
+        extra: list[str], record: Path | None) -> int:  # fmt: skip
+    """Build `scope`: "all", "shared" (the target-independent work) or "download" (the checkpoint only)."""
+    commit = resolve_revision(model)
+    pinned = f"{model.hub_id}@{commit}" if model.hub_id else model_spec
+    config = [f"target={target}", f"model={pinned}"] + ([f"formats=[{', '.join(formats)}]"] if formats else [])
+    cache = ["--cache"] if os.environ.get("SNAKEMAKE_OUTPUT_CACHE") else []
+    snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", cores, *cache, *extra]
+
+    def phase(*targets: str) -> int:
+        command = [*snakemake, *targets, "--config", *config]
+        print("$ " + " ".join(command), file=sys.stderr, flush=True)
+        return subprocess.run(command).returncode
+
+    with shared_work_lock(f"{model.name}@{commit}"):
+        checkpoint = f"results/models/{model.name}/{commit.replace('/', '_')}/checkpoint"
+        status = phase(checkpoint if scope == "download" else "shared")
+    if status == 0 and scope == "all":
+        status = phase()
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"model": pinned, "target": target, "status": status}) + "\n")
+    print(f"rebuild: {model_spec} -> {pinned} for {target}: snakemake exit {status}", file=sys.stderr)
+    return status
