@@ -157,7 +157,7 @@ def _steps(model: PlanModel, fmt: str, kind: str, weights_gb: float) -> list[tup
         return steps
     if fp8_source and fmt != "trtllm-fp8":
         steps.append(("BF16 copy for calibration (FP8 blocks dequantized)", total * 2 / GB))
-    if fmt not in ("bf16",):
+    if fmt != "bf16":
         steps.append((f"{fmt} artifact", weights_gb))
     return steps
 
