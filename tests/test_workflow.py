@@ -223,6 +223,11 @@ def planned_jobs(workdir: Path, *config: str) -> set[str]:
     return set(re.findall(r"^rule (\w+):", result.stdout, re.MULTILINE)) - {"all"}
 
 
+def test_a_second_target_reuses_all_shared_work(default_run):
+    jobs = planned_jobs(default_run, "target=4x2080ti")
+    assert jobs == {"plan", "gguf_bundle", "vllm_bundle", "gguf_validate", "vllm_validate", "report"}
+
+
 def test_an_unrelated_key_reruns_nothing(default_run):
     assert planned_jobs(default_run, "compress={schemes: [gptq-w4a16], recipes: {awq-w4a16: /elsewhere.yaml}}") == set()
 
@@ -236,6 +241,48 @@ def test_calibration_settings_rerun_exactly_the_quantizers_that_read_them(defaul
 
 def test_a_bundle_setting_reruns_only_the_bundle_and_what_follows(default_run):
     assert planned_jobs(default_run, "gguf={split_max_size: 40G}") == {"gguf_bundle", "gguf_validate", "report"}
+
+
+@pytest.fixture(scope="module")
+def own_copy(tmp_path_factory) -> tuple[Path, dict]:
+    """The project copied, its package first on PYTHONPATH, run once: code and profiles to edit."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("copy") / "deepcast"
+    skip = shutil.ignore_patterns(".venv", ".git", "results", "logs", "benchmarks", ".snakemake", "__pycache__",
+                                  ".llamacpp-src", ".carry", ".whl", "bench", "docs")  # fmt: skip
+    shutil.copytree(REPO, root, ignore=skip)
+    env = {"PYTHONPATH": str(root / "workflow")}
+    result = subprocess.run([str(SNAKEMAKE), "-s", str(root / "Snakefile"), "-d", str(root), "--cores", "2",
+                             "--config", *QUICK], capture_output=True, text=True, env={**ENV, **env})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, env
+
+
+def jobs_after_edit(own_copy, path: str, edit) -> set[str]:
+    root, env = own_copy
+    file = root / path
+    original = file.read_text()
+    file.write_text(edit(original))
+    try:
+        result = subprocess.run([str(SNAKEMAKE), "-s", str(root / "Snakefile"), "-d", str(root), "--cores", "2", "-n",
+                                 "--config", *QUICK], capture_output=True, text=True, env={**ENV, **env})  # fmt: skip
+    finally:
+        file.write_text(original)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(re.findall(r"^rule (\w+):", result.stdout, re.MULTILINE)) - {"all"}
+
+
+def test_editing_a_stage_reruns_that_stage_and_its_dependents_only(own_copy):
+    jobs = jobs_after_edit(own_copy, "workflow/deepcast/stages/calibrate.py", lambda text: text + "\n# edited\n")
+    assert jobs == {"calibrate", "gguf_imatrix", "gguf_quantize", "compress", "gguf_bundle", "vllm_bundle",
+                    "gguf_validate", "vllm_validate", "report"}  # fmt: skip
+
+
+def test_changing_the_target_profile_reruns_only_that_targets_steps(own_copy):
+    jobs = jobs_after_edit(own_copy, "config/targets/cpu.yaml",
+                           lambda text: text.replace("cpu_bandwidth_gbps: 40", "cpu_bandwidth_gbps: 41"))  # fmt: skip
+    assert jobs == {"plan", "gguf_bundle", "vllm_bundle", "gguf_validate", "vllm_validate", "report"}
 
 
 @pytest.mark.parametrize("artifact", ["gguf/Q4_K_M", "compressed/gptq-w4a16"])
