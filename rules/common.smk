@@ -7,6 +7,7 @@ from snakemake.utils import validate
 
 from deepcast import config as deepcast_config
 from deepcast import fingerprint
+from deepcast import layout
 from deepcast.stages import plan as planning
 from deepcast import registry
 from deepcast.corpus import SHAKESPEARE
@@ -21,9 +22,8 @@ try:
     TARGET = registry.load_target(Path(CONFIG_DIR), SETTINGS.target)
     MODEL = registry.resolve_model(Path(CONFIG_DIR), SETTINGS.model, Path(workflow.basedir))
     CALIBRATION_FILE = deepcast_config.calibration_source_file(SETTINGS.calibration)
-    DOWNLOADED = Path(f"results/models/{MODEL.name}/{MODEL.path_revision}/checkpoint")
     PLAN = planning.plan_for(
-        planning.plan_model(MODEL, DOWNLOADED),
+        planning.plan_model(MODEL, Path(layout.model_dir(MODEL)) / "checkpoint"),
         TARGET,
         Path(CONFIG_DIR),
         *SETTINGS.menu(),
@@ -54,7 +54,7 @@ wildcard_constraints:
 
 
 def model_dir():
-    return f"results/models/{MODEL.name}/{MODEL.path_revision}"
+    return layout.model_dir(MODEL)
 
 
 def checkpoint_dir():
@@ -119,18 +119,20 @@ def gguf_quant_type(wildcards):
     return wildcards.quant.removesuffix(NO_IMATRIX)
 
 
+def gguf_artifact_dir(quant):
+    """The GGUF a bundle of `quant` deploys: a quantized one, or the 16-bit conversion itself."""
+    qtype = quant.removesuffix(NO_IMATRIX)
+    return f"{model_dir()}/gguf/{SIXTEEN_BIT.get(qtype, quant)}"
+
+
 def gguf_artifact(wildcards):
-    """The GGUF a bundle deploys: a quantized one, or the 16-bit conversion itself."""
-    qtype = gguf_quant_type(wildcards)
-    name = SIXTEEN_BIT.get(qtype, wildcards.quant)
-    return f"results/models/{wildcards.model}/{wildcards.revision}/gguf/{name}"
+    return gguf_artifact_dir(wildcards.quant)
 
 
 def gguf_quantize_inputs(wildcards):
-    model = f"results/models/{wildcards.model}/{wildcards.revision}"
-    inputs = {"base": f"{model}/gguf/bf16", "checkpoint": f"{model}/checkpoint"}
+    inputs = {"base": f"{model_dir()}/gguf/bf16", "checkpoint": checkpoint_dir()}
     if not wildcards.quant.endswith(NO_IMATRIX):
-        inputs["imatrix"] = f"{model}/gguf/imatrix"
+        inputs["imatrix"] = f"{model_dir()}/gguf/imatrix"
     return inputs
 
 
@@ -191,7 +193,7 @@ def plan_options(wildcards, input):
 
 
 def target_dir():
-    return f"results/targets/{TARGET.name}/{MODEL.name}/{MODEL.path_revision}"
+    return layout.target_dir(TARGET.name, MODEL)
 
 
 def plan_file():
@@ -223,9 +225,7 @@ def summary_outputs():
 def shared_outputs():
     """The target-independent artifacts this target's plan needs (computed once, cached across runs)."""
     outputs = [checkpoint_dir(), calibration_dir(), reference_dir()]
-    for quant in gguf_variants():
-        qtype = quant.removesuffix(NO_IMATRIX)
-        outputs.append(f"{model_dir()}/gguf/{SIXTEEN_BIT.get(qtype, quant)}")
+    outputs += [gguf_artifact_dir(quant) for quant in gguf_variants()]
     if gguf_variants():
         outputs.append(f"{model_dir()}/gguf/kld-base")
     return outputs + [f"{model_dir()}/compressed/{scheme}" for scheme in compress_schemes()]

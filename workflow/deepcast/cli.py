@@ -338,7 +338,7 @@ def report_group(context, model_spec, target_name, config_dir, html_out, model_f
         return
     import subprocess
 
-    from deepcast import registry
+    from deepcast import layout, registry
     from deepcast.stages import report as stage
 
     settings = settings_module.load_file(config_dir / "config.yaml")
@@ -346,7 +346,7 @@ def report_group(context, model_spec, target_name, config_dir, html_out, model_f
     if model_from:
         model_spec = json.loads(model_from.read_text())["model"]
     model = registry.resolve_model(config_dir, model_spec or settings.model, config_dir.resolve().parent)
-    target_dir = Path("results/targets") / target / model.name / model.path_revision
+    target_dir = Path(layout.target_dir(target, model))
     plan_file = target_dir / "plan.json"
     if not plan_file.is_file():
         raise DeepcastError(f"no plan at {plan_file}. Fix: run the pipeline for target {target} first (make run).")

@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from deepcast import hub
+from deepcast import hub, layout
 from deepcast.errors import DeepcastError
 from deepcast.files import cache_root
 from deepcast.registry import ModelRef
@@ -71,7 +72,7 @@ def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list
         return subprocess.run(command).returncode
 
     with shared_work_lock(f"{model.name}@{commit}"):
-        checkpoint = f"results/models/{model.name}/{commit.replace('/', '_')}/checkpoint"
+        checkpoint = f"{layout.model_dir(replace(model, revision=commit))}/checkpoint"
         status = phase(checkpoint if scope == "download" else "shared")
     if status == 0 and scope == "all":
         status = phase()

@@ -80,7 +80,6 @@ def _quantizable(tensor: Tensor) -> bool:
 class _State:
     """quantize_state_impl: the counters llama-quantize keeps while it walks the tensors."""
 
-    arch: str
     n_expert: int
     n_gqa: int
     n_layer: int
@@ -243,7 +242,6 @@ def gguf_tensor_types(
     default = FTYPE_DEFAULT[ftype]
     patterns = [(re.compile(p.partition("=")[0]), p.partition("=")[2].upper()) for p in overrides or []]
     state = _State(
-        arch=llama_cpp_arch(architecture),
         n_expert=shape.routed_experts,
         # llama.cpp stores MLA as one shared latent head (head_count_kv 1)
         n_gqa=shape.heads if shape.is_mla else shape.heads // shape.kv_heads,

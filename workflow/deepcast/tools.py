@@ -32,15 +32,21 @@ STAMP = "build.json"
 ENV_OVERRIDE = "DEEPCAST_LLAMA_CPP"
 
 
+def visible_gpus(field: str) -> list[str]:
+    """One `nvidia-smi --query-gpu` field per visible GPU (name, compute_cap, ...); [] without a GPU."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    query = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                           text=True)  # fmt: skip
+    return [line.strip() for line in query.stdout.splitlines() if line.strip()] if query.returncode == 0 else []
+
+
 def cuda_architectures() -> str | None:
     """The visible GPUs' architectures (e.g. "75;89") when nvcc and a GPU exist, else None (CPU build)."""
-    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+    if not shutil.which("nvcc"):
         return None
-    query = subprocess.run(
-        ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True
-    )
-    caps = sorted({line.strip().replace(".", "") for line in query.stdout.splitlines() if line.strip()})
-    return ";".join(caps) if query.returncode == 0 and caps else None
+    caps = sorted({cap.replace(".", "") for cap in visible_gpus("compute_cap")})
+    return ";".join(caps) or None
 
 
 def backend_name(cuda_archs: str | None) -> str:

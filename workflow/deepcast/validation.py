@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from deepcast.errors import DeepcastError
 from deepcast.registry import Target
+from deepcast.tools import visible_gpus
 
 PROMPTS = ["ROMEO.\n", "To be, or not to be,", "The king is dead; long live"]
 SMOKE_TOKENS = 16
@@ -23,13 +22,9 @@ SMOKE_TOKENS = 16
 
 def hardware_here(target: Target) -> str | None:
     """None when this machine is the target's kind of machine; else why figures taken here would not hold."""
-    visible = []
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True)  # fmt: skip
-        visible = [line.strip() for line in query.stdout.splitlines() if line.strip()] if query.returncode == 0 else []
     if target.gpu is None:
         return None  # a CPU target: this machine's CPU runs it, as the target's would
+    visible = visible_gpus("name")
     wanted = target.gpu.name.split()[:2]  # e.g. "H100 SXM", "RTX 4090"
     matching = [name for name in visible if all(word.lower() in name.lower() for word in wanted)]
     if len(matching) < target.gpu.count:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from deepcast.manifest import Recorder, read
 
-ENGINE_DIRS = {"llama.cpp": "llama.cpp", "vllm": "compressed-tensors"}
+ENGINE_DIRS = ("llama.cpp", "vllm")  # bundle folders under a target: GGUF and compressed-tensors
 
 
 @dataclass
