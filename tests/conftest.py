@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from deepcast import tools
 from deepcast.config import CalibrationSettings, DownloadSettings, EvaluationSettings
-from deepcast.stages import calibrate, corpus, download, reference
+from deepcast.stages import calibrate, corpus, download, gguf, reference
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "workflow" / "deepcast" / "embedded" / "tiny-deepseek-v3"
@@ -58,6 +59,20 @@ def calibration(checkpoint, corpus_dir, tmp_path_factory) -> Path:
 def reference_dir(checkpoint, corpus_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "reference"
     reference.run(checkpoint, corpus_dir / "evaluation.txt", out, EvaluationSettings(max_chunks=16))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """The pinned llama.cpp build (`make install` builds it)."""
+    return tools.locate()
+
+
+@pytest.fixture(scope="session")
+def base(checkpoint, llama, tmp_path_factory) -> Path:
+    """The embedded model's bf16 GGUF, converted once for every test that needs one."""
+    out = tmp_path_factory.mktemp("gguf") / "bf16"
+    gguf.convert(checkpoint, out, "bf16", llama)
     return out
 
 

@@ -21,18 +21,6 @@ EVALUATION = EvaluationSettings(max_chunks=16)  # the reference fixture's chunks
 
 
 @pytest.fixture(scope="session")
-def llama():
-    return tools.locate()
-
-
-@pytest.fixture(scope="session")
-def base(checkpoint, llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "bf16"
-    gguf.convert(checkpoint, out, "bf16", llama)
-    return out
-
-
-@pytest.fixture(scope="session")
 def imatrix(base, calibration, llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "imatrix"
     gguf.imatrix(base, calibration, out, 512, 2, llama)
