@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from conftest import REPO, deepcast_cli, error_of
-from deepcast import compatibility, planner, registry, sizes, tensors
+from deepcast import compatibility, planner, registry, sizes, student_shapes, tensors
 from deepcast.registry import GPU, ModelShape, Target
 from deepcast.stages import plan
 
@@ -175,6 +175,12 @@ def test_every_registry_model_gets_an_answer_on_every_target(target):
             assert c.context >= min(planner.MIN_CONTEXT, MODELS[name].shape.max_context)
             assert c.decode_tokens_per_s > 0 and c.disk_gb <= result.target.free_disk_gb
         assert result.viable or (result.nearest and "smaller model" in " ".join(result.nearest))
+        assert bool(result.students_because) or not result.students
+        for s in result.students:  # every proposal is smaller than its teacher and fits well
+            assert s["parameters"] < result.model.parameters and s["shape"]["vocab"] == result.model.shape.vocab
+            assert s["context"] >= min(plan.GOOD_CONTEXT, MODELS[name].shape.max_context)
+            assert s["decode_tokens_per_s"] >= plan.GOOD_TOKENS_PER_S
+            assert result.target.gpu is None or "system RAM" not in s["placement"]
 
 
 def test_compatibility_rules_are_data_with_sources():
@@ -209,6 +215,72 @@ def test_cli_model_that_fits_nowhere_names_the_nearest_plan():
     result = deepcast_cli("plan", "--model", "deepseek-r1", "--target", "1x4090", cwd=REPO)
     assert result.returncode == 1
     assert "fits nowhere on 1x4090" in result.stdout and "smaller model: " in result.stdout
+
+
+def test_r1_on_one_4090_gets_student_proposals_whose_arithmetic_holds():
+    result = plan.make_plan(CONFIG, "deepseek-r1", "1x4090", REPO, ["Q4_K_M"], False)
+    assert result.students_because == "nothing fits"
+    proposals = result.students
+    assert [(s["student"], s["format"]) for s in proposals] == [
+        ("Qwen2.5-14B", "Q4_K_M"), ("Qwen2.5-14B", "gptq-w4a16"), ("Llama-3.1-8B", "Q4_K_M"),
+        ("Llama-3.1-8B", "gptq-w4a16"), ("Qwen2.5-7B", "Q4_K_M"), ("Qwen2.5-7B", "gptq-w4a16"),
+    ]  # fmt: skip
+    q4, w4 = proposals[0], proposals[1]
+    # Qwen2.5-14B's shape with R1's 129,280-token vocabulary, untied, Llama-style (no q/k/v biases):
+    layer = 2 * 5120 * 5120 + 2 * 5120 * 1024 + 3 * 5120 * 13824 + 2 * 5120  # q o, k v (8 KV heads), MLP, norms
+    assert q4["parameters"] == 2 * 129_280 * 5120 + 48 * layer + 5120 == 14_536_381_440
+    shape = ModelShape(**q4["shape"])
+    assert q4["weights_gb"] == sizes.gguf_size("LlamaForCausalLM", shape, "Q4_K_M").total / 1e9
+    assert w4["weights_gb"] == sizes.checkpoint_size("LlamaForCausalLM", shape, "gptq-w4a16").total / 1e9
+    assert 4.5 < q4["weights_gb"] * 8e9 / q4["parameters"] < 5.2  # Q4_K_M: 4-bit blocks, some 6-bit tensors
+    kv = 2 * 48 * 8 * 128 * 2  # K and V, 8 KV heads of 128, 48 layers, f16
+    llama_cpp, vllm = 24 * 0.92 - 0.8, 24 * 0.90 - 2.0  # usable GB on one 4090 for each engine
+    assert q4["context"] == int((llama_cpp - q4["weights_gb"]) * 1e9 / kv) > plan.GOOD_CONTEXT
+    assert w4["context"] == int((vllm - w4["weights_gb"]) * 1e9 / kv) > plan.GOOD_CONTEXT
+    for s in (q4, w4):
+        assert s["gpu_memory_gb"] == pytest.approx(s["weights_gb"] + s["context"] * kv / 1e9)
+        assert s["gpu_memory_gb"] < 24
+        assert s["decode_tokens_per_s"] == pytest.approx(1008 / s["weights_gb"], rel=0.01)  # 4090: 1008 GB/s
+        assert s["method"] == "logit KD"
+    # The 32B rung is not proposed: beside its Q4_K_M weights one 4090 holds under 8,192 tokens of KV cache.
+    thirty_two = dict(student_shapes.ladder(result.model.shape))["Qwen2.5-32B"]
+    weights = sizes.gguf_size("LlamaForCausalLM", thirty_two, "Q4_K_M").total / 1e9
+    assert (llama_cpp - weights) * 1e9 / (2 * 64 * 8 * 128 * 2) < plan.GOOD_CONTEXT
+
+
+def test_a_model_that_fits_well_gets_no_student_proposals():
+    result = plan.make_plan(CONFIG, "deepseek-r1-distill-qwen-1.5b", "h100", REPO, ["Q4_K_M"], False)
+    assert result.students_because is None and result.students == []
+    assert result.as_dict()["student_proposals"] == []
+
+
+def test_fitting_badly_also_means_offloaded_or_slow():
+    offloaded = plan.make_plan(CONFIG, "deepseek-r1", "a100-80g", REPO, ["Q4_K_M"], False)
+    assert "keeps weights in system RAM: routed experts in system RAM" in offloaded.students_because
+    assert offloaded.students[0]["student"] == "Llama-3.3-70B"  # 42.5 GB at Q4_K_M fits one 80 GB card
+    slow = plan.make_plan(CONFIG, "deepseek-r1-distill-llama-70b", "jetson-agx-orin-64g", REPO, ["Q4_K_M"], False)
+    assert slow.viable and "decodes at most 5.2 tokens/s" in slow.students_because
+    assert {s["student"] for s in slow.students} == {"Qwen2.5-32B", "Qwen2.5-14B", "Llama-3.1-8B"}
+
+
+def test_student_ladder_is_the_shapes_of_deepseeks_own_distills():
+    rungs = {name: rung for name, *rung in student_shapes.LADDER}
+    for size, base in (("1.5b", "Qwen2.5-1.5B"), ("7b", "Qwen2.5-7B"), ("14b", "Qwen2.5-14B"), ("32b", "Qwen2.5-32B")):
+        s = shape(f"deepseek-r1-distill-qwen-{size}")
+        assert rungs[base] == [s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate, s.tied_embeddings]
+    for size, base in (("8b", "Llama-3.1-8B"), ("70b", "Llama-3.3-70B")):
+        s = shape(f"deepseek-r1-distill-llama-{size}")
+        assert rungs[base] == [s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate, s.tied_embeddings]
+
+
+def test_cli_lists_student_proposals_for_r1_on_one_4090():
+    args = ("plan", "--model", "deepseek-ai/DeepSeek-R1", "--target", "1x4090")
+    printed = deepcast_cli(*args, cwd=REPO)
+    assert printed.returncode == 1  # fits nowhere: the nearest plans, then the students
+    assert "Student proposals (distillation)" in printed.stdout and "Qwen2.5-14B" in printed.stdout
+    data = json.loads(deepcast_cli(*args, "--json", cwd=REPO).stdout)
+    assert data["student_proposals_because"] == "nothing fits"
+    assert data["student_proposals"][0]["student"] == "Qwen2.5-14B"
 
 
 @pytest.mark.parametrize(

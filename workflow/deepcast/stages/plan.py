@@ -1,5 +1,6 @@
 """The plan for one model on one target: every candidate (format x engine x placement), viable with its
-numbers or refused with its reason, ranked; the formats the pipeline builds; the nearest plan when nothing fits.
+numbers or refused with its reason, ranked; the formats the pipeline builds; the nearest plan when nothing fits;
+dense students to distill into when nothing fits well.
 
 Sizes come from the model's shape (deepcast.sizes), placement and context from deepcast.planner,
 compatibility from config/compatibility.yaml. Nothing here downloads weights; a hub model outside the
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from deepcast import compatibility, hub, planner, sizes
+from deepcast import compatibility, hub, planner, sizes, student_shapes
 from deepcast.errors import DeepcastError
 from deepcast.registry import ModelRef, ModelShape, Target, load_models, load_target, resolve_model
 from deepcast.tensors import llama_cpp_arch, mtp_parameter_count, parameter_count
@@ -33,6 +34,11 @@ CPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm-cpu", "transformers"]
                "checkpoint": ["vllm-cpu", "transformers"], "trtllm": [], "onnx": ["onnxruntime-genai"]}  # fmt: skip
 NATIVE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 GOOD_CONTEXT = 8192  # a plan offering less is ranked after those that offer this much
+# A roofline under this fits badly: it is an upper bound, and a reasoning model's answer of a few thousand
+# tokens would take minutes.
+GOOD_TOKENS_PER_S = 10
+STUDENT_FORMATS = [("Q4_K_M", "gguf"), ("gptq-w4a16", "compressed")]
+STUDENT_SIZES = 3  # student shapes proposed, largest first
 
 
 @dataclass(frozen=True)
@@ -227,30 +233,39 @@ def engine_refusal(fmt: str, kind: str, target: Target, architecture: str, rules
     return None if None in reasons else (reasons[0] if reasons else f"no engine serves {kind} on {target.name}")
 
 
+def _candidate(model: PlanModel, target: Target, rules: compatibility.Rules, fmt: str, kind: str, engine: str):
+    """One format on one engine: sized, checked against the rules, placed, and checked against the disk."""
+    size = _weights(model, fmt, kind)
+    candidate = Candidate(
+        fmt, kind, engine, kind in ("gguf", "compressed"), size.total / GB,
+        size.total * 8 / model.parameters, round(size.expert_share, 4),
+    )  # fmt: skip
+    candidate.steps = _steps(model, fmt, kind, candidate.weights_gb)
+    reason, candidate.notes = rules.check(engine, fmt, target, model.architecture)
+    if reason:
+        candidate.refuse(reason)
+    else:
+        _place(model, target, candidate, size)
+    if candidate.viable and candidate.disk_gb > target.free_disk_gb:
+        steps = ", ".join(f"{name} {gb:,.0f} GB" for name, gb in candidate.steps)
+        candidate.refuse(
+            f"needs {candidate.disk_gb:,.0f} GB of disk ({steps}); target {target.name} "
+            f"has {target.free_disk_gb:,.0f} GB free"
+        )
+    return candidate
+
+
+def _offloaded(candidate: Candidate, target: Target) -> bool:
+    return "system RAM" in (candidate.placement or "") and target.gpu is not None
+
+
 def evaluate(model: PlanModel, target: Target, rules: compatibility.Rules) -> list[Candidate]:
     """Every candidate for this model on this target, ranked: viable ones first, best first."""
-    parameters = model.parameters
-    candidates = []
-    for fmt, kind in _formats():
-        size = _weights(model, fmt, kind)
-        for engine in engines_for(kind, target):
-            candidate = Candidate(
-                fmt, kind, engine, kind in ("gguf", "compressed"), size.total / GB,
-                size.total * 8 / parameters, round(size.expert_share, 4),
-            )  # fmt: skip
-            candidate.steps = _steps(model, fmt, kind, candidate.weights_gb)
-            reason, candidate.notes = rules.check(engine, fmt, target, model.architecture)
-            if reason:
-                candidate.refuse(reason)
-            else:
-                _place(model, target, candidate, size)
-            if candidate.viable and candidate.disk_gb > target.free_disk_gb:
-                steps = ", ".join(f"{name} {gb:,.0f} GB" for name, gb in candidate.steps)
-                candidate.refuse(
-                    f"needs {candidate.disk_gb:,.0f} GB of disk ({steps}); target {target.name} "
-                    f"has {target.free_disk_gb:,.0f} GB free"
-                )
-            candidates.append(candidate)
+    candidates = [
+        _candidate(model, target, rules, fmt, kind, engine)
+        for fmt, kind in _formats()
+        for engine in engines_for(kind, target)
+    ]
     good_context = min(GOOD_CONTEXT, model.shape.max_context)
 
     def rank(candidate: Candidate) -> tuple:
@@ -258,11 +273,73 @@ def evaluate(model: PlanModel, target: Target, rules: compatibility.Rules) -> li
         (closer to the original); then faster."""
         if not candidate.viable:
             return (1, 0, 0, -candidate.bits_per_weight, 0)
-        offloaded = "system RAM" in (candidate.placement or "") and target.gpu is not None
+        offloaded = _offloaded(candidate, target)
         short = (candidate.context or 0) < good_context
         return (0, offloaded, short, -candidate.bits_per_weight, -(candidate.decode_tokens_per_s or 0))
 
     return sorted(candidates, key=rank)
+
+
+def _fits_well(candidate: Candidate, target: Target, good_context: int) -> bool:
+    return (
+        candidate.viable
+        and not _offloaded(candidate, target)
+        and (candidate.context or 0) >= good_context
+        and (candidate.decode_tokens_per_s or 0) >= GOOD_TOKENS_PER_S
+    )
+
+
+def fits_badly(model: PlanModel, target: Target, candidates: list[Candidate]) -> str | None:
+    """Why no candidate (ranked, as evaluate returns them) fits well, or None when one does. Fitting well:
+    viable, all in GPU memory on a GPU target, GOOD_CONTEXT tokens of context, a roofline of
+    GOOD_TOKENS_PER_S or more."""
+    good_context = min(GOOD_CONTEXT, model.shape.max_context)
+    if any(_fits_well(c, target, good_context) for c in candidates):
+        return None
+    viable = [c for c in candidates if c.viable]
+    if not viable:
+        return "nothing fits"
+    best = viable[0]
+    if _offloaded(best, target):
+        return f"the best plan, {best.format} on {best.engine}, keeps weights in system RAM: {best.placement}"
+    if best.context < good_context:
+        return f"the best plan, {best.format} on {best.engine}, leaves {best.context:,} tokens of context"
+    fastest = max((c for c in viable if c.context >= good_context and not _offloaded(c, target)),
+                  key=lambda c: c.decode_tokens_per_s)  # fmt: skip
+    return (
+        f"the fastest plan, {fastest.format} on {fastest.engine}, decodes at most "
+        f"{fastest.decode_tokens_per_s:,.1f} tokens/s"
+    )
+
+
+def propose_students(model: PlanModel, target: Target, rules: compatibility.Rules) -> list[dict]:
+    """Dense students with the teacher's vocabulary that fit well at Q4_K_M or W4A16, evaluated as any
+    model is: the STUDENT_SIZES largest smaller than the teacher, each in every format that fits well."""
+    good_context = min(GOOD_CONTEXT, model.shape.max_context)
+    proposals, kept = [], 0
+    for name, shape in student_shapes.ladder(model.shape):
+        if kept == STUDENT_SIZES:
+            break
+        student = PlanModel(f"{name}-shaped student", student_shapes.ARCHITECTURE, shape, "bfloat16",
+                            f"{name}'s shape with {model.name}'s vocabulary")  # fmt: skip
+        if student.parameters >= model.parameters:
+            continue
+        rows = []
+        for fmt, kind in STUDENT_FORMATS:
+            placed = (_candidate(student, target, rules, fmt, kind, engine) for engine in engines_for(kind, target))
+            best = next((c for c in placed if _fits_well(c, target, good_context)), None)
+            if best:
+                rows.append({
+                    "student": name, "architecture": student.architecture, "shape": shape.model_dump(),
+                    "parameters": student.parameters, "method": student_shapes.METHOD, "format": best.format,
+                    "engine": best.engine, "weights_gb": best.weights_gb, "bits_per_weight": best.bits_per_weight,
+                    "placement": best.placement, "context": best.context, "gpu_memory_gb": best.gpu_memory_gb,
+                    "system_memory_gb": best.system_memory_gb, "decode_tokens_per_s": best.decode_tokens_per_s,
+                    "disk_gb": round(best.disk_gb, 3),
+                })  # fmt: skip
+        kept += bool(rows)
+        proposals += rows
+    return proposals
 
 
 @dataclass
@@ -274,6 +351,8 @@ class Plan:
     menu: list[str]
     notes: list[str] = field(default_factory=list)
     nearest: list[str] = field(default_factory=list)
+    students: list[dict] = field(default_factory=list)  # distillation proposals, when the model fits badly
+    students_because: str | None = None  # why it fits badly
 
     @property
     def viable(self) -> list[Candidate]:
@@ -312,6 +391,8 @@ class Plan:
             "chosen_engines": {c.format: c.engine for c in self.chosen},
             "notes": self.notes,
             "nearest": self.nearest,
+            "student_proposals": self.students,
+            "student_proposals_because": self.students_because,
             "candidates": [{**asdict(c), "disk_gb": round(c.disk_gb, 3)} for c in self.candidates],
         }  # fmt: skip
 
@@ -391,11 +472,17 @@ def make_plan(
 
 
 def plan_for(model: PlanModel, target: Target, config_dir: Path, menu: list[str], explicit: bool) -> Plan:
-    candidates = evaluate(model, target, compatibility.load(config_dir))
+    rules = compatibility.load(config_dir)
+    candidates = evaluate(model, target, rules)
     if not any(c.viable for c in candidates):
-        return Plan(model, target, candidates, [], menu, nearest=nearest(model, target, candidates, config_dir))
-    chosen, notes = choose(candidates, menu, explicit, target)
-    return Plan(model, target, candidates, chosen, menu, notes)
+        result = Plan(model, target, candidates, [], menu, nearest=nearest(model, target, candidates, config_dir))
+    else:
+        chosen, notes = choose(candidates, menu, explicit, target)
+        result = Plan(model, target, candidates, chosen, menu, notes)
+    result.students_because = fits_badly(model, target, candidates)
+    if result.students_because:
+        result.students = propose_students(model, target, rules)
+    return result
 
 
 def print_plan(plan: Plan) -> None:
@@ -437,3 +524,40 @@ def print_plan(plan: Plan) -> None:
         console.print(f"[bold red]{model.name} fits nowhere on {target.name}.[/bold red] Nearest:")
         for line in plan.nearest:
             console.print(f"  - {line}")
+    if plan.students_because:
+        print_students(console, plan)
+
+
+def print_students(console, plan: Plan) -> None:
+    from rich.table import Table
+
+    model, target = plan.model, plan.target
+    where = "all in GPU memory" if target.gpu else "in system RAM"
+    console.print(
+        f"{model.name} fits {target.name} badly: {plan.students_because}. Fitting well: {where}, "
+        f"{GOOD_CONTEXT:,} tokens of context, a roofline of {GOOD_TOKENS_PER_S} tokens/s or more."
+    )
+    if not plan.students:
+        console.print("No student shape smaller than the teacher fits well either.")
+        return
+    table = Table(
+        title="Student proposals (distillation)",
+        caption=f"Dense Llama-style shapes with {model.name}'s {model.shape.vocab:,}-token vocabulary; parameters "
+        "and weights tensor by tensor from the shape; GPU GB = weights + KV cache at the context; "
+        "tok/s <= bandwidth / weights.",
+    )  # fmt: skip
+    for column in ("student (shape of)", "parameters B", "layers x hidden, heads/KV", "format", "engine", "weights GB",
+                   "context", "GPU GB each", "RAM GB", "tok/s <=", "method"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("format", "engine", "method") or "shape" in column
+                         else "right")  # fmt: skip
+    for s in plan.students:
+        shape = s["shape"]
+        table.add_row(
+            s["student"], f"{s['parameters'] / 1e9:,.2f}",
+            f"{shape['layers']} x {shape['hidden']:,}, {shape['heads']}/{shape['kv_heads']}", s["format"], s["engine"],
+            f"{s['weights_gb']:,.2f}", f"{s['context']:,}", f"{s['gpu_memory_gb']:,.1f}" if s["gpu_memory_gb"] else "-",
+            f"{s['system_memory_gb']:,.1f}" if s["system_memory_gb"] else "-", f"{s['decode_tokens_per_s']:,.1f}",
+            s["method"],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"note: {student_shapes.SEQUENCE_KD_NOTE}.")
