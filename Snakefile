@@ -24,6 +24,7 @@ include: "rules/calibrate.smk"
 include: "rules/reference.smk"
 include: "rules/gguf.smk"
 include: "rules/compress.smk"
+include: "rules/distill.smk"
 include: "rules/report.smk"
 
 
@@ -36,6 +37,7 @@ rule all:
         reference=reference_dir(),
         gguf=gguf_outputs(),
         compressed=compress_outputs(),
+        students=student_outputs(),
         summary=summary_outputs(),
 
 

@@ -8,8 +8,10 @@ from snakemake.utils import validate
 from deepcast import config as deepcast_config
 from deepcast import fingerprint
 from deepcast import layout
+from deepcast.stages import distill as distillation
 from deepcast.stages import plan as planning
 from deepcast import registry
+from deepcast import subjects as run_subjects
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 from deepcast.stages.compress import SCHEMES as COMPRESS_SCHEMES
@@ -28,14 +30,20 @@ try:
         Path(CONFIG_DIR),
         *SETTINGS.menu(),
     )
-    CHOSEN = {candidate.format: candidate for candidate in PLAN.require_chosen()}
+    PLAN.require_chosen()
+    # The configured model first, then each distilled student and its control: every one of them is
+    # taken through the same downstream rules, under its own results folder and its own plan.
+    SUBJECTS = run_subjects.build(
+        SETTINGS, MODEL, PLAN, TARGET, Path(CONFIG_DIR), Path(workflow.basedir)
+    )
 except DeepcastError as error:
     raise WorkflowError(f"deepcast: {error}") from None
 
 # --config passes nested values as strings ("8"); the typed settings have coerced them,
 # so the config every rule sees is the validated, typed one.
 config.update(SETTINGS.model_dump(by_alias=True))
-validate(config, "../workflow/schemas/config.schema.json")
+# The typed settings have filled every default already.
+validate(config, "../workflow/schemas/config.schema.json", set_default=False)
 
 CORPUS_DIR = f"results/corpus/{SHAKESPEARE.name}"
 # A change to the target's profile reruns only the steps that read it.
@@ -44,36 +52,62 @@ LLAMA_CPP_OPTION = f"--llama-cpp {SETTINGS.tools.llama_cpp}" if SETTINGS.tools.l
 NO_IMATRIX = "-noimat"
 
 
+STUDENTS = {name: s for name, s in SUBJECTS.items() if s.student is not None}
+# What the download step fetches: the configured model and the starting checkpoints of hf students.
+DOWNLOADS = {MODEL.name: MODEL} | {s.base.name: s.base for s in STUDENTS.values() if s.base}
+DOWNLOADED_MODELS = layout.alternatives(list(DOWNLOADS))
+STUDENT_MODELS = layout.alternatives(list(STUDENTS))
+TEACHER_MODEL = layout.alternatives([MODEL.name])
+
+
 wildcard_constraints:
-    model=MODEL.name,
-    revision=MODEL.path_revision,
+    model=layout.alternatives(list(SUBJECTS) + list(DOWNLOADS)),
+    revision=layout.alternatives(
+        [s.ref.path_revision for s in SUBJECTS.values()]
+        + [ref.path_revision for ref in DOWNLOADS.values()]
+    ),
     target=TARGET.name,
     dtype="bf16|f16",
     quant="[A-Z0-9_]+(-noimat)?",
     scheme="|".join(COMPRESS_SCHEMES),
 
 
-def model_dir():
-    return layout.model_dir(MODEL)
+def subject(wildcards):
+    return SUBJECTS[wildcards.model]
 
 
-def checkpoint_dir():
-    return f"{model_dir()}/checkpoint"
+def model_dir(name=MODEL.name):
+    return layout.model_dir(SUBJECTS[name].ref)
 
 
-def calibration_dir():
-    return f"{model_dir()}/calibration"
+def checkpoint_dir(name=MODEL.name):
+    return f"{model_dir(name)}/checkpoint"
 
 
-def reference_dir():
-    return f"{model_dir()}/reference"
+def calibration_dir(name=MODEL.name):
+    return f"{model_dir(name)}/calibration"
+
+
+def reference_dir(name=MODEL.name):
+    return f"{model_dir(name)}/reference"
+
+
+def wildcard_model_dir(wildcards):
+    return f"results/models/{wildcards.model}/{wildcards.revision}"
 
 
 def download_inputs(wildcards):
     """A local source's files, so that changing one reruns the download and what follows."""
-    if MODEL.local_path is None:
-        return {}
-    return {"source_files": registry.local_source_files(MODEL.local_path)}
+    local = DOWNLOADS[wildcards.model].local_path
+    return {"source_files": registry.local_source_files(local)} if local else {}
+
+
+def download_source(wildcards):
+    return DOWNLOADS[wildcards.model].location
+
+
+def download_revision(wildcards):
+    return DOWNLOADS[wildcards.model].revision
 
 
 def calibration_inputs(wildcards):
@@ -99,10 +133,10 @@ def stage_settings(section):
     return getattr(SETTINGS, section).model_dump_json()
 
 
-def gguf_variants():
+def gguf_variants(name=MODEL.name):
     """Quant ids the plan builds for the target: the type, suffixed when made without the imatrix,
     plus the configured no-imatrix controls of the chosen types."""
-    chosen = [fmt for fmt, candidate in CHOSEN.items() if candidate.kind == "gguf"]
+    chosen = [fmt for fmt, candidate in SUBJECTS[name].chosen.items() if candidate.kind == "gguf"]
     variants = [
         qtype + ("" if qtype in SIXTEEN_BIT or SETTINGS.gguf.imatrix else NO_IMATRIX)
         for qtype in chosen
@@ -111,28 +145,29 @@ def gguf_variants():
     return list(dict.fromkeys(variants + [qtype + NO_IMATRIX for qtype in controls]))
 
 
-def gguf_outputs():
-    return [f"{target_dir()}/llama.cpp/{quant}/validation" for quant in gguf_variants()]
+def gguf_outputs(name=MODEL.name):
+    return [f"{target_dir(name)}/llama.cpp/{quant}/validation" for quant in gguf_variants(name)]
 
 
 def gguf_quant_type(wildcards):
     return wildcards.quant.removesuffix(NO_IMATRIX)
 
 
-def gguf_artifact_dir(quant):
+def gguf_artifact_dir(quant, name=MODEL.name):
     """The GGUF a bundle of `quant` deploys: a quantized one, or the 16-bit conversion itself."""
     qtype = quant.removesuffix(NO_IMATRIX)
-    return f"{model_dir()}/gguf/{SIXTEEN_BIT.get(qtype, quant)}"
+    return f"{model_dir(name)}/gguf/{SIXTEEN_BIT.get(qtype, quant)}"
 
 
 def gguf_artifact(wildcards):
-    return gguf_artifact_dir(wildcards.quant)
+    return gguf_artifact_dir(wildcards.quant, wildcards.model)
 
 
 def gguf_quantize_inputs(wildcards):
-    inputs = {"base": f"{model_dir()}/gguf/bf16", "checkpoint": checkpoint_dir()}
+    folder = wildcard_model_dir(wildcards)
+    inputs = {"base": f"{folder}/gguf/bf16", "checkpoint": f"{folder}/checkpoint"}
     if not wildcards.quant.endswith(NO_IMATRIX):
-        inputs["imatrix"] = f"{model_dir()}/gguf/imatrix"
+        inputs["imatrix"] = f"{folder}/gguf/imatrix"
     return inputs
 
 
@@ -145,25 +180,26 @@ def gguf_quantize_options(wildcards, input):
 
 def gguf_planned_flags(wildcards):
     """llama-server flags the plan expects from the predicted GGUF size."""
-    return " ".join(CHOSEN[gguf_quant_type(wildcards)].flags)
+    return " ".join(subject(wildcards).chosen[gguf_quant_type(wildcards)].flags)
 
 
-def compress_schemes():
+def compress_schemes(name=MODEL.name):
     """The compress schemes the plan builds, plus the configured controls wherever a scheme is built."""
-    chosen = [fmt for fmt, candidate in CHOSEN.items() if candidate.kind == "compressed"]
+    chosen = [fmt for fmt, c in SUBJECTS[name].chosen.items() if c.kind == "compressed"]
     return list(dict.fromkeys(chosen + (SETTINGS.compress.controls if chosen else [])))
 
 
 def compress_engine(wildcards):
     """The engine the plan serves a scheme with on this target (a control borrows its scheme's)."""
-    candidate = CHOSEN.get(wildcards.scheme) or next(
-        c for c in PLAN.viable if c.format == wildcards.scheme
+    planned = subject(wildcards)
+    candidate = planned.chosen.get(wildcards.scheme) or next(
+        c for c in planned.plan.viable if c.format == wildcards.scheme
     )
     return candidate.engine
 
 
-def compress_outputs():
-    return [f"{target_dir()}/vllm/{scheme}/validation" for scheme in compress_schemes()]
+def compress_outputs(name=MODEL.name):
+    return [f"{target_dir(name)}/vllm/{scheme}/validation" for scheme in compress_schemes(name)]
 
 
 def plan_notes():
@@ -178,26 +214,34 @@ def plan_inputs(wildcards):
         "target": f"{CONFIG_DIR}/targets/{TARGET.name}.yaml",
         "rules": f"{CONFIG_DIR}/compatibility.yaml",
     }
-    if MODEL.entry is not None:
-        inputs["model"] = f"{CONFIG_DIR}/models/{MODEL.entry.name}.yaml"
+    entry = subject(wildcards).ref.entry
+    if entry is not None:
+        inputs["model"] = f"{CONFIG_DIR}/models/{entry.name}.yaml"
     else:
-        inputs["checkpoint"] = checkpoint_dir()
+        inputs["checkpoint"] = f"{wildcard_model_dir(wildcards)}/checkpoint"
     return inputs
+
+
+def plan_model(wildcards, input):
+    """The plan's --model: the configured model, or a student's own checkpoint directory."""
+    return SETTINGS.model if subject(wildcards).student is None else input.checkpoint
 
 
 def plan_options(wildcards, input):
     options = [f"--shape-from {input.checkpoint}"] if "checkpoint" in input.keys() else []
+    if subject(wildcards).student is not None:
+        options.append(f"--name {wildcards.model}")
     menu, explicit = SETTINGS.menu()
     options.append(f"{'--formats' if explicit else '--menu'} {','.join(menu)}")
     return " ".join(options)
 
 
-def target_dir():
-    return layout.target_dir(TARGET.name, MODEL)
+def target_dir(name=MODEL.name):
+    return layout.target_dir(TARGET.name, SUBJECTS[name].ref)
 
 
-def plan_file():
-    return f"{target_dir()}/plan.json"
+def plan_file(name=MODEL.name):
+    return f"{target_dir(name)}/plan.json"
 
 
 plan_notes()
@@ -211,21 +255,135 @@ def compress_recipe(wildcards):
 
 def report_inputs(wildcards):
     """Everything the summary reads: the plan, the reference, every validation the plan asked for."""
+    name = wildcards.model
     return {
-        "plan": plan_file(),
-        "reference": reference_dir(),
-        "validations": gguf_outputs() + compress_outputs(),
+        "plan": plan_file(name),
+        "reference": reference_dir(name),
+        "validations": gguf_outputs(name) + compress_outputs(name),
     }
 
 
 def summary_outputs():
-    return [f"{target_dir()}/summary/table.html"]
+    return [f"{target_dir(name)}/summary/table.html" for name in SUBJECTS]
+
+
+def all_outputs(name):
+    """What `all` builds for one model: its plan, shared work, validations and summary."""
+    return [
+        plan_file(name),
+        checkpoint_dir(name),
+        calibration_dir(name),
+        reference_dir(name),
+        *gguf_outputs(name),
+        *compress_outputs(name),
+    ]
 
 
 def shared_outputs():
-    """The target-independent artifacts this target's plan needs (computed once, cached across runs)."""
-    outputs = [checkpoint_dir(), calibration_dir(), reference_dir()]
-    outputs += [gguf_artifact_dir(quant) for quant in gguf_variants()]
-    if gguf_variants():
-        outputs.append(f"{model_dir()}/gguf/kld-base")
-    return outputs + [f"{model_dir()}/compressed/{scheme}" for scheme in compress_schemes()]
+    """The target-independent artifacts this target's plans need (computed once, cached across runs)."""
+    outputs = []
+    for name in SUBJECTS:
+        outputs += [checkpoint_dir(name), calibration_dir(name), reference_dir(name)]
+        outputs += [gguf_artifact_dir(quant, name) for quant in gguf_variants(name)]
+        if gguf_variants(name):
+            outputs.append(f"{model_dir(name)}/gguf/kld-base")
+        outputs += [f"{model_dir(name)}/compressed/{scheme}" for scheme in compress_schemes(name)]
+    return outputs
+
+
+# A distilled student's validations also score it against its teacher on the same tokens.
+def teacher_kld_inputs(wildcards):
+    """A student's GGUF validation also scores it against the teacher's saved 16-bit logits."""
+    if subject(wildcards).student is None:
+        return {}
+    return {"teacher_kld_base": f"{model_dir()}/gguf/kld-base"}
+
+
+def teacher_kld_option(wildcards, input):
+    present = "teacher_kld_base" in input.keys()
+    return f"--teacher-kld-base {input.teacher_kld_base}" if present else ""
+
+
+def teacher_checkpoint_inputs(wildcards):
+    """A student's compressed validation also compares it with the teacher on the same tokens."""
+    return {} if subject(wildcards).student is None else {"teacher_checkpoint": checkpoint_dir()}
+
+
+def teacher_checkpoint_option(wildcards, input):
+    present = "teacher_checkpoint" in input.keys()
+    return f"--teacher-checkpoint {input.teacher_checkpoint}" if present else ""
+
+
+# Distillation (rules/distill.smk): the teacher's data, each student's inputs, what `all` adds.
+def distill_source(wildcards):
+    """The distillation text: the corpus train split by default, else the configured file."""
+    source = SETTINGS.distill.source
+    return f"{CORPUS_DIR}/train.txt" if source == "corpus" else source
+
+
+def signal_inputs(wildcards):
+    inputs = {"teacher": checkpoint_dir(), "source": distill_source(wildcards)}
+    if distillation.signal_producer(SETTINGS.distill, PLAN.model.parameters) == "llama.cpp":
+        inputs["gguf"] = gguf_artifact_dir(gguf_variants()[-1])  # the smallest GGUF the plan builds
+    return inputs
+
+
+def signal_options(wildcards, input):
+    return f"--gguf {input.gguf}" if "gguf" in input.keys() else ""
+
+
+def sequences_inputs(wildcards):
+    inputs = {"teacher": checkpoint_dir(), "source": distill_source(wildcards)}
+    producer = SETTINGS.distill.sequences.producer
+    if producer == "bundle" or (producer == "auto" and gguf_variants()):
+        inputs["bundle"] = f"{target_dir()}/llama.cpp/{gguf_variants()[0]}/bundle"
+    return inputs
+
+
+def sequences_options(wildcards, input):
+    return f"--bundle {input.bundle}" if "bundle" in input.keys() else ""
+
+
+def train_inputs(wildcards):
+    student = subject(wildcards)
+    data = "signal" if student.method == "logits" else "sequences"
+    inputs = {"teacher": checkpoint_dir(), "data": f"{model_dir()}/distill/{data}"}
+    if student.base is not None:
+        inputs["base"] = f"{layout.model_dir(student.base)}/checkpoint"
+    return inputs
+
+
+def train_options(wildcards, input):
+    student = subject(wildcards)
+    options = [f"--student {student.student.name}", f"--alpha {student.alpha}"]
+    return " ".join(options + ([f"--base {input.base}"] if "base" in input.keys() else []))
+
+
+def signal_settings(wildcards):
+    return distillation.teacher_data_settings(SETTINGS.distill, distillation.SIGNAL_FIELDS)
+
+
+def sequences_settings(wildcards):
+    return distillation.teacher_data_settings(SETTINGS.distill, distillation.SEQUENCE_FIELDS)
+
+
+def student_settings(wildcards):
+    return distillation.student_settings(SETTINGS.distill, subject(wildcards).student)
+
+
+def student_outputs():
+    """Each student's and control's own artifacts, their comparison with the teacher, and the summary."""
+    if not STUDENTS:
+        return []
+    outputs = [f"{model_dir()}/distill/summary/students.html"]
+    for name in STUDENTS:
+        outputs += all_outputs(name) + [f"{model_dir(name)}/distillation"]
+    return outputs
+
+
+def distill_evaluations(wildcards):
+    return [f"{model_dir(name)}/distillation" for name in STUDENTS]
+
+
+def evaluation_options(wildcards, input):
+    return " ".join(f"--evaluation {evaluation}" for evaluation in input.evaluations)

@@ -51,6 +51,7 @@ rule vllm_bundle:
 
 rule vllm_validate:
     input:
+        unpack(teacher_checkpoint_inputs),
         bundle="results/targets/{target}/{model}/{revision}/vllm/{scheme}/bundle",
         checkpoint="results/models/{model}/{revision}/checkpoint",
         reference="results/models/{model}/{revision}/reference",
@@ -68,10 +69,11 @@ rule vllm_validate:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),
         config_dir=CONFIG_DIR,
+        teacher=teacher_checkpoint_option,
         target=TARGET_PROFILE_DIGEST,
         code=fingerprint.of_stage("compress"),
     shell:
-        "deepcast compress validate --bundle {input.bundle} --checkpoint {input.checkpoint}"
+        "deepcast compress validate --bundle {input.bundle} --checkpoint {input.checkpoint} {params.teacher}"
         " --reference {input.reference} --scheme {wildcards.scheme}"
         " --settings {params.settings:q} --gates {params.gates:q}"
         " --target {wildcards.target} --config-dir {params.config_dir} --plan {input.plan}"

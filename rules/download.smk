@@ -9,14 +9,17 @@ rule download:
         checkpoint=directory("results/models/{model}/{revision}/checkpoint"),
     log:
         "logs/{model}/{revision}/download.log",
+    # Students' checkpoints come from distill_train.
+    wildcard_constraints:
+        model=DOWNLOADED_MODELS,
     # Shared by every target: computed once, and across checkouts through SNAKEMAKE_OUTPUT_CACHE;
     # wall time and peak memory are in the artifact's manifest (a cached rule has no benchmark file).
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
     params:
-        source=MODEL.location,
-        revision=MODEL.revision,
+        source=download_source,
+        revision=download_revision,
         settings=stage_settings("download"),
         code=fingerprint.of_stage("download"),
     shell:

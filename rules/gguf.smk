@@ -125,6 +125,7 @@ rule gguf_bundle:
 
 rule gguf_validate:
     input:
+        unpack(teacher_kld_inputs),
         bundle="results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/bundle",
         kld_base="results/models/{model}/{revision}/gguf/kld-base",
         reference="results/models/{model}/{revision}/reference",
@@ -146,9 +147,10 @@ rule gguf_validate:
         config_dir=CONFIG_DIR,
         target=TARGET_PROFILE_DIGEST,
         llama_cpp=LLAMA_CPP_OPTION,
+        teacher=teacher_kld_option,
         code=fingerprint.of_stage("gguf"),
     shell:
-        "deepcast gguf validate --bundle {input.bundle} --kld-base {input.kld_base}"
+        "deepcast gguf validate --bundle {input.bundle} --kld-base {input.kld_base} {params.teacher}"
         " --reference {input.reference} --settings {params.settings:q} --gates {params.gates:q}"
         " --target {wildcards.target} --config-dir {params.config_dir} --plan {input.plan} --threads {threads}"
         " --out {output.validation} {params.llama_cpp} > {log} 2>&1"

@@ -14,7 +14,7 @@ rule plan:
     conda:
         "../envs/deepcast.yaml"
     params:
-        model=SETTINGS.model,
+        model=plan_model,
         config_dir=CONFIG_DIR,
         options=plan_options,
         code=fingerprint.of_stage("plan"),

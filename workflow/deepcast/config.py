@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deepcast.errors import DeepcastError
 
@@ -147,6 +147,127 @@ class ToolsSettings(Strict):
     )
 
 
+STUDENT_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class StudentShape(Strict):
+    """An inline student shape, initialised at random: a dense Llama or a DeepseekV3 like the teacher."""
+
+    architecture: Literal["llama", "deepseek_v3"] = Field(description="llama (dense) or deepseek_v3 (MLA and MoE).")
+    hidden: int = Field(ge=8, description="hidden_size; a multiple of heads.")
+    layers: int = Field(ge=1, description="num_hidden_layers.")
+    heads: int = Field(ge=1, description="num_attention_heads.")
+    kv_heads: int | None = Field(default=None, ge=1, description="num_key_value_heads (llama); default: heads.")
+    intermediate: int = Field(ge=8, description="intermediate_size of the dense FFN.")
+    copy_embeddings: bool = Field(
+        default=True,
+        description="Start from the teacher's token embeddings (projected onto their leading principal directions "
+        "when the student's hidden size is smaller).",
+    )
+
+
+class StudentSpec(Strict):
+    name: str = Field(pattern=STUDENT_NAME, description="Names the student's results folder (lower case).")
+    kind: Literal["prune", "hf"] = Field(
+        description="prune: the teacher with only keep_layers (same architecture and tokenizer, teacher-initialised); "
+        "hf: an existing checkpoint (source) or an inline shape (shape) initialised at random."
+    )
+    keep_layers: list[int] | None = Field(
+        default=None, description="prune: the teacher layers kept, in order (default: the first and the last)."
+    )
+    source: str | None = Field(
+        default=None, description="hf: a registry name, a hub id org/name[@revision] or a local directory."
+    )
+    shape: StudentShape | None = Field(default=None, description="hf: an inline shape instead of a source.")
+    method: Literal["logits", "sequences"] | None = Field(
+        default=None, description="Overrides distill.method for this student."
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if self.kind == "prune" and (self.source or self.shape):
+            raise ValueError("a prune student takes keep_layers, not source or shape")
+        if self.kind == "hf" and (self.source is None) == (self.shape is None):
+            raise ValueError("an hf student takes exactly one of source or shape")
+        if self.shape is not None and self.shape.hidden % self.shape.heads:
+            raise ValueError(
+                f"shape.hidden ({self.shape.hidden}) must be a multiple of shape.heads ({self.shape.heads})"
+            )
+        if self.shape is not None and self.shape.kv_heads and self.shape.heads % self.shape.kv_heads:
+            raise ValueError(
+                f"shape.heads ({self.shape.heads}) must be a multiple of shape.kv_heads ({self.shape.kv_heads})"
+            )
+        return self
+
+
+class DistillLoss(Strict):
+    kind: Literal["forward_kl"] = Field(default="forward_kl", description="KL(teacher || student), with temperature.")
+    temperature: float = Field(default=1.0, gt=0, description="Applied to both distributions; the loss is x T^2.")
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs cross-entropy. 0 is the control."
+    )
+    top_k: int = Field(default=32, ge=1, description="Teacher tokens kept per position, plus one tail bucket.")
+
+
+class SequenceSettings(Strict):
+    producer: Literal["auto", "bundle", "transformers"] = Field(
+        default="auto",
+        description="auto: the teacher's own llama.cpp bundle when the plan builds one for the target, "
+        "else transformers.",
+    )
+    prompts: int = Field(default=64, ge=1, description="Prompts cut from the data source.")
+    prompt_tokens: int = Field(default=64, ge=4, description="Tokens per prompt.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Teacher tokens generated per prompt (greedy).")
+
+
+class DistillSettings(Strict):
+    students: list[StudentSpec] = Field(
+        default=[], description="The students to distil; empty: no distillation (the default)."
+    )
+    method: Literal["logits", "sequences"] = Field(
+        default="logits",
+        description="logits: KD from the teacher's cached top-k signal (same tokenizer); sequences: fine-tune on "
+        "teacher completions (any tokenizer; DeepSeek's R1-Distill recipe).",
+    )
+    loss: DistillLoss = DistillLoss()
+    control: bool = Field(
+        default=True,
+        description="Also train each student with cross-entropy only (alpha 0): same init, data order and steps.",
+    )
+    source: str = Field(
+        default="corpus",
+        description="'corpus' (the corpus train split), a .txt or .jsonl file, or hf-dataset://org/name@revision.",
+    )
+    text_field: str = Field(default="text", description="Field holding the text in .jsonl records.")
+    steps: int = Field(default=100, ge=1, description="Optimizer steps (the budget); tokens = steps x batch x window.")
+    batch_size: int = Field(default=4, ge=1, description="Windows per step.")
+    window: int = Field(default=256, ge=16, description="Tokens per training window.")
+    loss_positions: int = Field(
+        default=128, ge=1, description="The loss covers the last N positions of each window (the teacher signal's)."
+    )
+    learning_rate: float = Field(default=2e-3, gt=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    seed: int = Field(default=0, description="Seeds the window order, the initialisation and the trainer.")
+    save_steps: int = Field(default=20, ge=1, description="A resumable checkpoint every N steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where training runs (bf16 on a GPU).")
+    signal_producer: Literal["auto", "transformers", "llama.cpp"] = Field(
+        default="auto",
+        description="Who computes the teacher signal. auto: transformers when the 16-bit teacher fits in half of this "
+        "machine's memory (GPU memory when one is visible), else the teacher's GGUF on its own llama.cpp build.",
+    )
+    sequences: SequenceSettings = SequenceSettings()
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.loss_positions >= self.window:
+            raise ValueError(f"loss_positions ({self.loss_positions}) must be smaller than window ({self.window})")
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student names must be unique: {names}")
+        return self
+
+
 class Settings(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -168,6 +289,7 @@ class Settings(Strict):
     # `validate` in config.yaml; the Python name avoids pydantic's BaseModel.validate.
     validation: ValidateSettings = Field(default=ValidateSettings(), alias="validate")
     tools: ToolsSettings = ToolsSettings()
+    distill: DistillSettings = DistillSettings()
 
     def menu(self) -> tuple[list[str], bool]:
         """The formats the plan may choose from, and whether the user named them (then a refusal is an error)."""
@@ -197,19 +319,22 @@ def json_schema() -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
-def calibration_source_file(settings: CalibrationSettings) -> Path | None:
+def calibration_source_file(settings: CalibrationSettings) -> str | None:
     """The local calibration file, checked before any work; None for the corpus or a hub dataset."""
-    if settings.source == "corpus" or settings.source.startswith("hf-dataset://"):
+    return source_file(settings.source, "calibration")
+
+
+def source_file(source: str, section: str) -> str | None:
+    """A local text source (`<section>.source`), checked before any work; None for the corpus or a hub dataset."""
+    key = f"{section}.source"
+    if source == "corpus" or source.startswith("hf-dataset://"):
         return None
-    path = Path(settings.source).expanduser()
+    path = Path(source).expanduser()
     if not path.is_file():
         raise DeepcastError(
-            f"calibration source {path} does not exist. Fix: set calibration.source to a .txt or .jsonl file, "
-            "or to corpus."
+            f"{section} source {path} does not exist. Fix: set {key} to a .txt or .jsonl file, or to corpus."
         )
     with open(path, "rb") as handle:
         if not handle.read(1 << 20).strip():
-            raise DeepcastError(
-                f"calibration source {path} is empty. Fix: give it text, or set calibration.source to corpus."
-            )
+            raise DeepcastError(f"{section} source {path} is empty. Fix: give it text, or set {key} to corpus.")
     return str(path)

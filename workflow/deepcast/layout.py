@@ -13,3 +13,10 @@ def model_dir(model: ModelRef) -> str:
 
 def target_dir(target: str, model: ModelRef) -> str:
     return f"results/targets/{target}/{model.name}/{model.path_revision}"
+
+
+def alternatives(names: list[str]) -> str:
+    """A wildcard constraint matching exactly these names."""
+    import re
+
+    return "|".join(re.escape(name) for name in dict.fromkeys(names))

@@ -332,8 +332,10 @@ def validate(
     settings: ValidateSettings | None = None,
     target: Target | None = None,
     plan_file: Path | None = None,
+    teacher: Path | None = None,
 ) -> dict:
-    """Quality against the 16-bit model on the reference tokens, smoke, speed, tasks, the gate."""
+    """Quality against the 16-bit model on the reference tokens, smoke, speed, tasks, the gate; for a distilled
+    student, also against its teacher on the same tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -358,6 +360,11 @@ def validate(
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
     comparison = compare(model.eval(), base, chunks, batch_size)
     del base
+    against_teacher = None
+    if teacher is not None:
+        teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, trust_remote_code=False)
+        against_teacher = compare(model, teacher_model.eval(), chunks, batch_size).as_dict()
+        del teacher_model
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     estimate = validation.roofline(plan_file, scheme_name)
     elsewhere = validation.hardware_here(target) if target else "no target given"
@@ -380,6 +387,8 @@ def validate(
         "tasks": validation.tasks(settings.tasks, artifact, settings.task_limit),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
+    if against_teacher is not None:
+        results["teacher"] = against_teacher
     results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 

@@ -372,8 +372,10 @@ def validate(
     settings: ValidateSettings | None = None,
     target: Target | None = None,
     plan_file: Path | None = None,
+    teacher_kld_dir: Path | None = None,
 ) -> dict:
-    """Perplexity and KL divergence against the 16-bit GGUF, smoke, speed on the target, tasks, the gate."""
+    """Perplexity and KL divergence against the 16-bit GGUF, smoke, speed on the target, tasks, the gate; for a
+    distilled student, also KL divergence and top-1 agreement against its teacher's 16-bit GGUF."""
     settings = settings or ValidateSettings()
     server = json.loads((bundle_dir / "server.json").read_text())
     model = bundle_dir / server["model"]
@@ -381,23 +383,7 @@ def validate(
     recorder = Recorder("gguf_validate", {"context": context, "chunks": chunks})
     recorder.input("SHA256SUMS", bundle_dir / "SHA256SUMS")
     recorder.input(KLD_BASE, kld_dir / KLD_BASE)
-    output = run_tool(
-        [
-            llama.tool("llama-perplexity"),
-            "-m",
-            model,
-            "--kl-divergence-base",
-            kld_dir / KLD_BASE,
-            "--kl-divergence",
-            "-c",
-            context,
-            "--chunks",
-            chunks,
-            "-t",
-            threads,
-        ],
-        "llama-perplexity",
-    )
+    output = kl_divergence(model, kld_dir / KLD_BASE, context, chunks, threads, llama)
     reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
     base_ppl = read(kld_dir)["results"]["perplexity"]
     ppl = _last_float(r"Mean PPL\(Q\)\s+:\s+(-?[\d.]+)", output)
@@ -413,6 +399,14 @@ def validate(
         "weights_gb_planned": facts["weights_gb"],
         "server": smoke_test(bundle_dir, llama),
     }
+    if teacher_kld_dir is not None:
+        recorder.input("teacher_" + KLD_BASE, teacher_kld_dir / KLD_BASE)
+        against = kl_divergence(model, teacher_kld_dir / KLD_BASE, context, chunks, threads, llama)
+        results["teacher"] = {
+            "perplexity_teacher": read(teacher_kld_dir)["results"]["perplexity"],
+            "kl_divergence": _last_float(r"Mean\s+KLD:\s+(-?[\d.]+)", against),
+            "same_top_token_percent": _last_float(r"Same top p:\s+([\d.]+)", against),
+        }
     # Load time: from starting the bundle's server to its first healthy answer.
     results["load_time_s"] = results["server"]["ready_s"]
     qtype = read(bundle_dir)["params"]["type"]
@@ -423,6 +417,15 @@ def validate(
     }
     results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
+
+
+def kl_divergence(model: Path, base: Path, context: int, chunks: int, threads: int, llama: LlamaCpp) -> str:
+    """llama-perplexity's KLD mode: the model against the saved logits of `base`, on the tokens saved with them."""
+    return run_tool(
+        [llama.tool("llama-perplexity"), "-m", model, "--kl-divergence-base", base, "--kl-divergence", "-c", context,
+         "--chunks", chunks, "-t", threads],
+        "llama-perplexity",
+    )  # fmt: skip
 
 
 def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:

@@ -32,6 +32,7 @@ class Row:
     decode_tokens_per_s: str = "-"
     smoke: str = "-"
     gate: str = "not validated"
+    teacher_kl_divergence: float | None = None  # a distilled student's, against its teacher on the same tokens
 
 
 def _speed(results: dict) -> str:
@@ -69,6 +70,7 @@ def collect(target_dir: Path, parameters: int) -> list[Row]:
                     results.get("kl_divergence"), results.get("same_top_token_percent"), _speed(results),
                     _smoke(results),
                     (results.get("gate") or {}).get("status", "no gate"),
+                    (results.get("teacher") or {}).get("kl_divergence"),
                 )  # fmt: skip
             rows.append(row)
     return rows
@@ -76,15 +78,21 @@ def collect(target_dir: Path, parameters: int) -> list[Row]:
 
 COLUMNS = ["artifact", "engine", "size GB", "bits/w", "perplexity", "delta %", "KLD", "top-1 %", "decode tok/s",
            "smoke", "gate"]  # fmt: skip
+TEACHER_COLUMN = "KLD to teacher"  # shown for a distilled student's artifacts
 
 
-def _cells(row: Row) -> list[str]:
+def _columns(rows: list[Row]) -> list[str]:
+    return COLUMNS + ([TEACHER_COLUMN] if any(r.teacher_kl_divergence is not None for r in rows) else [])
+
+
+def _cells(row: Row, columns: list[str]) -> list[str]:
     def number(value, spec):
         return "-" if value is None else format(value, spec)
 
-    return [row.artifact, row.engine, number(row.size_gb, ",.3f"), number(row.bits_per_weight, ".2f"),
-            number(row.perplexity, ".3f"), number(row.delta_percent, "+.2f"), number(row.kl_divergence, ".4f"),
-            number(row.same_top_token_percent, ".1f"), row.decode_tokens_per_s, row.smoke, row.gate]  # fmt: skip
+    cells = [row.artifact, row.engine, number(row.size_gb, ",.3f"), number(row.bits_per_weight, ".2f"),
+             number(row.perplexity, ".3f"), number(row.delta_percent, "+.2f"), number(row.kl_divergence, ".4f"),
+             number(row.same_top_token_percent, ".1f"), row.decode_tokens_per_s, row.smoke, row.gate]  # fmt: skip
+    return cells + ([number(row.teacher_kl_divergence, ".4f")] if TEACHER_COLUMN in columns else [])
 
 
 def print_table(rows: list[Row], title: str) -> None:
@@ -92,11 +100,12 @@ def print_table(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in COLUMNS:
+    columns = _columns(rows)
+    for column in columns:
         table.add_column(column)
     for row in rows:
         style = None if row.gate == "passed" else "red" if row.gate in ("not validated", "failed") else "yellow"
-        table.add_row(*_cells(row), style=style)
+        table.add_row(*_cells(row, columns), style=style)
     Console(width=max(Console().width, 160)).print(table)
 
 
@@ -175,7 +184,9 @@ def summary(target_dir: Path, plan_file: Path, reference_dir: Path, out: Path) -
             provenance.append([row.artifact, "not validated", "", "", ""])
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / "table.html").write_text(_page(f"Artifacts of {title}", _html_table(COLUMNS, [_cells(r) for r in rows])))
+        columns = _columns(rows)
+        table = _html_table(columns, [_cells(r, columns) for r in rows])
+        (tmp / "table.html").write_text(_page(f"Artifacts of {title}", table))
         plot(rows, reference, tmp / "quality-vs-size.svg", f"Quality against size: {title}")
         (tmp / "plan.html").write_text(_page(f"Plan for {title}", plan_body))
         (tmp / "provenance.html").write_text(_page(f"Provenance: {title}", _html_table(
