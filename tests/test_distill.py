@@ -362,14 +362,59 @@ def test_the_summary_shows_students_beside_the_teacher_with_loss_curves(distill_
     rows = {row["name"]: row for row in json.loads((summary / "rows.json").read_text())}
     assert set(rows) == {"tiny-prune", "tiny-prune-control"}
     page = (summary / "students.html").read_text()
-    assert "tiny-deepseek-v3 (teacher)" in page and "quality transfer" in page
+    assert "tiny-deepseek-v3 (teacher)" in page and "quality transfer against the same-budget control" in page
     assert (summary / "loss-curves.svg").read_text().count("tiny-prune") >= 2
 
 
-def test_a_second_run_does_nothing_and_student_edits_rerun_only_that_student(distill_run):
+def test_a_second_run_does_nothing_and_the_learning_rate_reruns_training_not_the_signal(distill_run):
     again = snakemake(distill_run, "-n", "--config", *EXAMPLE)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     changed = [EXAMPLE[0].replace("steps: 30", "steps: 30, learning_rate: 0.001"), *EXAMPLE[1:]]
     planned = snakemake(distill_run, "-n", "--config", *changed)
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "rule distill_train:" in planned.stdout and "rule distill_signal:" not in planned.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded dense student (trained by this stage on an H200: its model card and training.json)
+
+STUDENT = EMBEDDED.parent / "tiny-llama-student"
+
+
+def test_the_embedded_dense_student_keeps_the_teacher_ids_and_is_close_to_the_teacher(reference_dir):
+    from deepcast.perplexity import evaluate
+    from transformers import AutoModelForCausalLM
+
+    distill.check_same_ids(EMBEDDED, STUDENT, "tiny-llama-student")
+    record = json.loads((STUDENT / "training.json").read_text())
+    assert record["distill_settings"]["students"][0]["shape"]["architecture"] == "llama"
+    for line in (STUDENT / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert manifest.sha256_file(STUDENT / name) == digest, name
+    assert (STUDENT / "model.safetensors").stat().st_size < 20e6
+    chunks = json.loads((reference_dir / "chunks.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
+    student = evaluate(model, chunks).perplexity
+    teacher = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    assert student < 1.5 * teacher  # 90.4 against 82.9 on all 48 chunks (model card)
+
+
+def pre_tokenizer(model: Path, llama) -> str:
+    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+
+        return bytes(GGUFReader(model).fields["tokenizer.ggml.pre"].parts[-1]).decode()
+    finally:
+        sys.path.remove(str(llama.root / "src" / "gguf-py"))
+
+
+def test_llama_cpp_converts_the_dense_student_with_the_teachers_pre_tokenizer(base, llama, tmp_path):
+    from deepcast.config import DownloadSettings
+    from deepcast.stages import download, gguf
+
+    download.run(str(STUDENT), "v1", tmp_path / "checkpoint", DownloadSettings())
+    facts = gguf.convert(tmp_path / "checkpoint", tmp_path / "bf16", "bf16", llama)
+    assert facts["parameters"] == 8_520_256
+    # The pinned converter names DeepSeek-V3's tokenizer "joyai-llm" (same hash, same regex in llama-vocab.cpp).
+    assert pre_tokenizer(tmp_path / "bf16" / gguf.MODEL, llama) == pre_tokenizer(base / gguf.MODEL, llama)

@@ -241,9 +241,14 @@ class DistillSettings(Strict):
     text_field: str = Field(default="text", description="Field holding the text in .jsonl records.")
     steps: int = Field(default=100, ge=1, description="Optimizer steps (the budget); tokens = steps x batch x window.")
     batch_size: int = Field(default=4, ge=1, description="Windows per step.")
-    window: int = Field(default=256, ge=16, description="Tokens per training window.")
+    window: int = Field(
+        default=512,
+        ge=16,
+        description="Tokens per training window; at least evaluation.context for a student started at random, "
+        "which otherwise never learns the positions it is scored on.",
+    )
     loss_positions: int = Field(
-        default=128, ge=1, description="The loss covers the last N positions of each window (the teacher signal's)."
+        default=511, ge=1, description="The loss covers the last N positions of each window (the teacher signal's)."
     )
     learning_rate: float = Field(default=2e-3, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)

@@ -228,23 +228,29 @@ def first_loss_position(settings: DistillSettings) -> int:
     return settings.window - settings.loss_positions - 1
 
 
-def predicted_signal_bytes(settings: DistillSettings) -> int:
-    """The teacher signal's size before it is made, at most (checked against the free disk): every window
-    distinct, each with its ids, its top-k and its tail, plus the training order."""
-    windows = settings.steps * settings.batch_size
+SAFETENSORS_HEADER = 1 << 16  # an allowance for the file's JSON header
+
+
+def predicted_signal_bytes(settings: DistillSettings, windows: int | None = None) -> int:
+    """The teacher signal's size before it is made (checked against the free disk): each distinct window with
+    its ids, its top-k and its tail, plus the training order. Before the text is cut, every window of the
+    budget counts as distinct: an upper bound."""
+    examples = settings.steps * settings.batch_size
     per_position = settings.loss.top_k * (4 + 2) + 2
-    return windows * (settings.loss_positions * per_position + settings.window * 4 + 4)
+    per_window = settings.loss_positions * per_position + settings.window * 4
+    return (windows or examples) * per_window + examples * 4 + SAFETENSORS_HEADER
 
 
-def check_disk(settings: DistillSettings, results: Path) -> None:
-    need = predicted_signal_bytes(settings)
+def check_disk(settings: DistillSettings, results: Path, windows: int | None = None) -> None:
+    need = predicted_signal_bytes(settings, windows)
     results = Path(results)
     while not results.exists():
         results = results.parent
     free = shutil.disk_usage(results).free
     if need > free:
+        count = windows or settings.steps * settings.batch_size
         raise DeepcastError(
-            f"the teacher signal needs {need / 1e9:,.2f} GB ({settings.steps * settings.batch_size} windows x "
+            f"the teacher signal needs {need / 1e9:,.2f} GB ({count} windows x "
             f"{settings.loss_positions} positions x top {settings.loss.top_k}); {results} has {free / 1e9:,.2f} GB "
             "free. Fix: free disk, or lower distill.steps, batch_size, loss_positions or loss.top_k."
         )
@@ -300,18 +306,19 @@ def signal(
     GGUF, from its own llama.cpp build."""
     from transformers import AutoTokenizer
 
-    check_disk(settings, out.parent)
     params = json.loads(teacher_data_settings(settings, SIGNAL_FIELDS))
     recorder = Recorder("distill_signal", params, seed=settings.seed)
     recorder.input("teacher_config", teacher / "config.json")
     recorder.input("source", source)
     tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=False)
     check_top_k(settings, _read_config(teacher))
-    started = time.perf_counter()
     if gguf is None:
         windows, order = make_windows(read_texts(source, settings.text_field), tokenizer, settings)
+        check_disk(settings, out.parent, len(windows))
+        started = time.perf_counter()  # the teacher's forward passes, not the tokenizing
         result = signal_with_transformers(teacher, windows, order, settings)
     else:
+        started = time.perf_counter()
         vocab = _read_config(teacher)["vocab_size"]
         result = signal_with_llama_cpp(gguf, source, settings, vocab, threads, llama_cpp)
     seconds = time.perf_counter() - started
@@ -333,7 +340,7 @@ def signal(
             "bytes_per_position": result.bytes_per_position(),
             "dense_fp16_bytes_per_position": _read_config(teacher)["vocab_size"] * DENSE_BYTES,
             "file_bytes": (tmp / SIGNAL).stat().st_size,
-            "predicted_bytes": predicted_signal_bytes(settings) if gguf is None else None,
+            "predicted_bytes": predicted_signal_bytes(settings, result.windows) if gguf is None else None,
             "positions_per_s": round(scored / seconds, 1),
         }
         recorder.write(tmp)
@@ -618,10 +625,10 @@ def _resume_point(state: Path, settings: dict) -> Path | None:
     return _last_checkpoint(state)
 
 
-def train_logits(model, cached: Signal, state: Path, settings: DistillSettings, alpha: float, device: str):
-    from transformers import TrainingArguments
-
-    args = TrainingArguments(
+def trainer_arguments(state: Path, settings: DistillSettings, device: str) -> dict:
+    """What both trainers share: the budget, AdamW with a cosine schedule, a checkpoint every save_steps (two
+    kept, so a kill during a save leaves the previous one whole), full determinism on the CPU, bf16 on a GPU."""
+    return dict(
         output_dir=str(state),
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
@@ -640,8 +647,13 @@ def train_logits(model, cached: Signal, state: Path, settings: DistillSettings, 
         use_cpu=device == "cpu",
         bf16=device == "cuda",
         dataloader_num_workers=0,
-        remove_unused_columns=False,
     )
+
+
+def train_logits(model, cached: Signal, state: Path, settings: DistillSettings, alpha: float, device: str):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(**trainer_arguments(state, settings, device), remove_unused_columns=False)
     trainer_class = make_trainer_class()
     return trainer_class(
         model=model,
@@ -662,28 +674,8 @@ def train_sequences(model, tokenizer, records: Path, state: Path, settings: Dist
 
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    args = SFTConfig(
-        output_dir=str(state),
-        max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=settings.warmup_ratio,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        seed=settings.seed,
-        data_seed=settings.seed,
-        full_determinism=device == "cpu",
-        use_cpu=device == "cpu",
-        bf16=device == "cuda",
-        max_length=settings.window,
-        completion_only_loss=True,
-        dataloader_num_workers=0,
-    )
+    args = SFTConfig(**trainer_arguments(state, settings, device), max_length=settings.window,
+                     completion_only_loss=True)  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
 
@@ -747,7 +739,7 @@ def train(
     (state / SETTINGS_FILE).write_text(json.dumps(recorded, sort_keys=True))
     if method == "logits":
         cached = verified_signal(data)
-        recorder.input("signal", data / SIGNAL)
+        recorder.inputs["signal"] = read(data)["files"][SIGNAL]["sha256"]  # just verified: no second hash
         trainer = train_logits(model, cached, state, settings, alpha, device)
         loss_tokens = settings.steps * settings.batch_size * cached.positions
     else:
@@ -759,6 +751,8 @@ def train(
     seconds = time.perf_counter() - started
     with atomic_path(out) as tmp:
         tmp.mkdir()
+        # The Trainer turns the KV cache off for training; the student serves with the setting it started with.
+        trainer.model.config.use_cache = _read_config(initial).get("use_cache", True)
         trainer.model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         for path in initial.iterdir():
             if path.name in TOKENIZER_FILES:
@@ -849,10 +843,12 @@ def summary(evaluations: list[Path], teacher_reference: Path, teacher_name: str,
             f"<td>{row['train_tokens_per_s']:,.0f}</td></tr>"
         )
     table.append("</table>")
+    near = [row["name"] for row in rows if row["parameters"] > 0.8 * row["teacher_parameters"]]
     note = (
-        "<p>A student with the teacher's tokenizer keeps its 129,280-wide embedding; on the embedded teacher "
-        "(90 % of whose parameters are that embedding) distillation shows quality transfer against the "
-        "same-budget control (same start, data order and steps, cross-entropy only), not compression.</p>"
+        f"<p>{', '.join(near)} keep(s) more than 80 % of the teacher's parameters (a tokenizer's embedding can "
+        "dominate a small model): these rows show quality transfer against the same-budget control (same "
+        "start, data order and steps, cross-entropy only), not compression.</p>"
+        if near else ""
     )
     figure, axis = plt.subplots(figsize=(7, 4))
     for evaluation, row in zip(evaluations, rows, strict=True):
