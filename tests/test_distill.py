@@ -209,6 +209,18 @@ def test_kill_during_training_resumes_from_the_last_checkpoint_and_ends_byte_ide
     assert not state.exists()
 
 
+def test_a_dense_llama_student_of_the_moe_teacher_trains_from_the_same_signal(signal_dir, tmp_path):
+    """The shape of the committed student (R1-Distill-Llama's MoE-to-dense shape), on a two-step budget."""
+    shape = {"architecture": "llama", "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 256}
+    settings = small_settings(students=[{"name": "dense", "kind": "hf", "shape": shape}], steps=2)
+    out = tmp_path / "dense" / "checkpoint"
+    facts = distill.train(settings.students[0], EMBEDDED, "tiny-deepseek-v3", signal_dir, out, settings, 0.5)
+    assert facts["architecture"] == "LlamaForCausalLM" and facts["parameters"] == 8_520_256
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    distill.check_same_ids(EMBEDDED, out, "dense")
+
+
 def test_a_checkpoint_written_with_other_settings_is_never_resumed(signal_dir, tmp_path):
     out = tmp_path / "student" / "checkpoint"
     state = out.parent / distill.TRAIN_STATE
