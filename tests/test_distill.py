@@ -90,7 +90,8 @@ def test_teacher_signal_is_the_teacher_top_k_stored_compactly(signal_dir):
     results = manifest.read(signal_dir)["results"]
     assert results["bytes_per_position"] == 32 * 6 + 2
     assert 0.4 < results["mean_top_k_mass"] < 0.95  # a high-entropy tiny teacher: measured 0.70
-    assert abs(results["file_bytes"] - results["predicted_bytes"]) < 2048  # the planner's figure, plus a header
+    # The figure checked against the free disk before any work: at most the header's allowance above the file.
+    assert results["file_bytes"] <= results["predicted_bytes"] <= results["file_bytes"] + distill.SAFETENSORS_HEADER
 
 
 def test_teacher_signal_matches_a_fresh_teacher_forward(signal_dir):
