@@ -53,8 +53,9 @@ def build(settings: Settings, teacher: ModelRef, teacher_plan: planning.Plan, ta
     if not options.students:
         return subjects
     source_file(options.source, "distill")
-    distill.check_disk(options, Path("results"))
     parent = teacher_config(teacher, Path(layout.model_dir(teacher)) / "checkpoint")
+    distill.check_top_k(options, parent)
+    distill.check_disk(options, Path("results"))
     for spec in options.students:
         method = distill.method_of(spec, options)
         distill.check_student(spec, parent, options)
