@@ -26,6 +26,21 @@ def deepcast_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+# The rules call `deepcast`: the venv's bin must be on PATH, as `make` puts it.
+ENV = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None, cores: int = 2) -> subprocess.CompletedProcess:
+    """The workflow in `workdir`, as a user runs it."""
+    return subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores), *args],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+    )
+
+
 def error_of(result: subprocess.CompletedProcess) -> str:
     """The one-line error of a failed command; fails the test on a traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EMBEDDED, REPO, deepcast_cli, error_of
+from conftest import EMBEDDED, REPO, deepcast_cli, error_of, snakemake
 from deepcast import kd, manifest
 from deepcast.config import DistillSettings
 from deepcast.stages import distill
 
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-ENV = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 PRUNE = {"name": "tiny-prune", "kind": "prune"}
 # A CI-sized budget: 128-token windows, the loss on their last 64 positions.
 SMALL = {"students": [PRUNE], "steps": 4, "batch_size": 2, "window": 64, "loss_positions": 32, "save_steps": 2}
@@ -258,10 +256,7 @@ def test_logit_kd_between_different_tokenizers_is_refused(signal_dir, tmp_path):
 
 
 def dry_run(workdir: Path, *config: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "--cores", "1", "--config", *config],
-        capture_output=True, text=True, env=ENV,
-    )  # fmt: skip
+    return snakemake(workdir, "-n", "--config", *config, cores=1)
 
 
 @pytest.mark.parametrize(
@@ -314,11 +309,6 @@ EXAMPLE = [
     "calibration={samples: 16}",
     "evaluation={max_chunks: 16}",
 ]
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
-                          capture_output=True, text=True, env=ENV)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import ENV, REPO, SNAKEMAKE, snakemake
 from deepcast import manifest
 
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 MODEL_DIR = "results/models/tiny-deepseek-v3/v1"
-# The rules call `deepcast`: the venv's bin must be on PATH, as `make` puts it.
-ENV = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 # Every stage runs, on fewer samples and one compressed scheme (tests/test_compress.py covers the others).
 QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}"]
-
-
-def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
-        capture_output=True,
-        text=True,
-        env={**ENV, **(env or {})},
-    )
 
 
 @pytest.fixture(scope="module")

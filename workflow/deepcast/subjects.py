@@ -58,7 +58,7 @@ def build(settings: Settings, teacher: ModelRef, teacher_plan: planning.Plan, ta
     distill.check_disk(options, Path("results"))
     for spec in options.students:
         method = distill.method_of(spec, options)
-        distill.check_student(spec, parent, options)
+        distill.check_student(spec, parent)
         base = resolve_model(config_dir, spec.source, repo_root) if spec.source else None
         if base is not None:
             shape_model = planning.plan_model(base, Path(layout.model_dir(base)) / "checkpoint")

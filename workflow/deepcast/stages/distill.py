@@ -114,9 +114,8 @@ def method_of(spec: StudentSpec, settings: DistillSettings) -> str:
     return spec.method or settings.method
 
 
-def check_student(spec: StudentSpec, teacher: dict, settings: DistillSettings) -> None:
-    """What can be refused before any work: a student no smaller than its teacher, an impossible top_k."""
-    check_top_k(settings, teacher)
+def check_student(spec: StudentSpec, teacher: dict) -> None:
+    """What can be refused of one student before any work: no smaller than its teacher, or not buildable."""
     config = student_config(spec, teacher)
     if config is None:
         return
