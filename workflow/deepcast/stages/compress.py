@@ -279,13 +279,16 @@ def check_layout(artifact: Path, checkpoint: Path, scheme: Scheme) -> dict:
         with safe_open(path, "pt") as handle:
             for name in handle.keys():  # noqa: SIM118
                 source[name] = list(handle.get_slice(name).get_shape())
+    # The group size the checkpoint was written with: a recipe may override the scheme's default.
+    groups = [(g.get("weights") or {}).get("group_size") for g in (quant.get("config_groups") or {}).values()]
+    group_size = next((g for g in groups if g), None) or scheme.group_size
     checked = 0
     for name in linear_input_widths(checkpoint):
         base = name.removesuffix(".weight")
         out_features, in_features = source[name]
         for suffix, (dtype, shape) in LAYOUTS[scheme.format].items():
             found = tensors.get(f"{base}.{suffix}")
-            expected = shape(out_features, in_features, scheme.group_size or in_features)
+            expected = shape(out_features, in_features, group_size or in_features)
             if found is None:
                 problems.append(f"{base}.{suffix} is missing")
             elif (dtype and found[0] != dtype) or found[1] != expected:
