@@ -21,9 +21,11 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # llama.cpp's tools, built once per version and backend into $(DEEPCAST_CACHE) (about 15 minutes
-# on 2 cores the first time; seconds afterwards).
+# on 2 cores the first time; seconds afterwards), and TensorRT Edge-LLM's exporter in its own
+# environment there (its pins differ from ours; about 3 minutes the first time).
 tools: $(STAMP)
 	$(BIN)/deepcast tools install llama.cpp
+	$(BIN)/deepcast tools install edgellm
 
 run: install
 	$(BIN)/snakemake --cores all

@@ -24,6 +24,9 @@ include: "rules/calibrate.smk"
 include: "rules/reference.smk"
 include: "rules/gguf.smk"
 include: "rules/compress.smk"
+include: "rules/trtllm.smk"
+include: "rules/onnx.smk"
+include: "rules/edgellm.smk"
 include: "rules/distill.smk"
 include: "rules/report.smk"
 
@@ -37,6 +40,7 @@ rule all:
         reference=reference_dir(),
         gguf=gguf_outputs(),
         compressed=compress_outputs(),
+        engines=engine_outputs(),
         students=student_outputs(),
         summary=summary_outputs(),
 

@@ -16,6 +16,10 @@ from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 from deepcast.stages.compress import SCHEMES as COMPRESS_SCHEMES
 from deepcast.stages.gguf import SIXTEEN_BIT
+from deepcast.stages.onnx import PRECISION as ONNX_FORMATS
+from deepcast.stages.onnx import provider_for
+from deepcast.stages.plan import EDGELLM as EDGELLM_FORMATS
+from deepcast.stages.trtllm import FORMATS as TRTLLM_FORMATS
 
 CONFIG_DIR = str(Path(workflow.basedir) / "config")
 
@@ -70,6 +74,10 @@ wildcard_constraints:
     dtype="bf16|f16",
     quant="[A-Z0-9_]+(-noimat)?",
     scheme="|".join(COMPRESS_SCHEMES),
+    trtllm_format="|".join(TRTLLM_FORMATS),
+    onnx_format="|".join(ONNX_FORMATS),
+    edgellm_format="|".join(EDGELLM_FORMATS),
+    provider="cpu|cuda",
 
 
 def subject(wildcards):
@@ -129,8 +137,10 @@ def manifest_parent(wildcards, output):
 
 
 def stage_settings(section):
-    """A config section as the JSON a stage command takes with --settings."""
-    return getattr(SETTINGS, section).model_dump_json()
+    """A config section as the JSON a stage command takes with --settings. A section's `formats` list is
+    the plan's menu, not how one artifact is made: left out, so adding a format reruns nothing built.
+    """
+    return getattr(SETTINGS, section).model_dump_json(exclude={"formats"})
 
 
 def gguf_variants(name=MODEL.name):
@@ -202,6 +212,62 @@ def compress_outputs(name=MODEL.name):
     return [f"{target_dir(name)}/vllm/{scheme}/validation" for scheme in compress_schemes(name)]
 
 
+def chosen_formats(kind, name=MODEL.name):
+    """The formats of one kind (trtllm, onnx, edgellm) the plan builds for this model."""
+    return [fmt for fmt, c in SUBJECTS[name].chosen.items() if c.kind == kind]
+
+
+def trtllm_outputs(name=MODEL.name):
+    return [
+        f"{target_dir(name)}/tensorrt-llm/{fmt}/validation"
+        for fmt in chosen_formats("trtllm", name)
+    ]
+
+
+def trtllm_artifact(wildcards):
+    """What a TensorRT-LLM bundle deploys: the ModelOpt checkpoint, or for trtllm-bf16 the download itself."""
+    folder = wildcard_model_dir(wildcards)
+    if wildcards.trtllm_format == "trtllm-bf16":
+        return f"{folder}/checkpoint"
+    return f"{folder}/trtllm/{wildcards.trtllm_format}"
+
+
+def onnx_outputs(name=MODEL.name):
+    return [
+        f"{target_dir(name)}/onnxruntime-genai/{fmt}/validation"
+        for fmt in chosen_formats("onnx", name)
+    ]
+
+
+def onnx_artifact(wildcards):
+    """The graph built for the target's execution provider."""
+    return f"{wildcard_model_dir(wildcards)}/onnx/{wildcards.onnx_format}-{provider_for(TARGET)}"
+
+
+def edgellm_outputs(name=MODEL.name):
+    return [
+        f"{target_dir(name)}/tensorrt-edge-llm/{fmt}/validation"
+        for fmt in chosen_formats("edgellm", name)
+    ]
+
+
+def engine_outputs(name=MODEL.name):
+    """Every validation of the TensorRT-LLM, ONNX Runtime GenAI and TensorRT Edge-LLM branches."""
+    return trtllm_outputs(name) + onnx_outputs(name) + edgellm_outputs(name)
+
+
+def engine_shared_outputs(name=MODEL.name):
+    """The target-independent artifacts of those branches."""
+    folder = model_dir(name)
+    outputs = [
+        f"{folder}/trtllm/{fmt}" for fmt in chosen_formats("trtllm", name) if fmt != "trtllm-bf16"
+    ]
+    outputs += [
+        f"{folder}/onnx/{fmt}-{provider_for(TARGET)}" for fmt in chosen_formats("onnx", name)
+    ]
+    return outputs + [f"{folder}/edgellm/{fmt}" for fmt in chosen_formats("edgellm", name)]
+
+
 def plan_notes():
     """Print what the plan dropped from the menu and why, once per run."""
     for note in PLAN.notes:
@@ -259,7 +325,7 @@ def report_inputs(wildcards):
     return {
         "plan": plan_file(name),
         "reference": reference_dir(name),
-        "validations": gguf_outputs(name) + compress_outputs(name),
+        "validations": gguf_outputs(name) + compress_outputs(name) + engine_outputs(name),
     }
 
 
@@ -276,6 +342,7 @@ def all_outputs(name):
         reference_dir(name),
         *gguf_outputs(name),
         *compress_outputs(name),
+        *engine_outputs(name),
     ]
 
 
@@ -288,6 +355,7 @@ def shared_outputs():
         if gguf_variants(name):
             outputs.append(f"{model_dir(name)}/gguf/kld-base")
         outputs += [f"{model_dir(name)}/compressed/{scheme}" for scheme in compress_schemes(name)]
+        outputs += engine_shared_outputs(name)
     return outputs
 
 

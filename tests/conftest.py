@@ -15,6 +15,7 @@ from deepcast.stages import calibrate, corpus, download, gguf, reference
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "workflow" / "deepcast" / "embedded" / "tiny-deepseek-v3"
+EMBEDDED_STUDENT = EMBEDDED.parent / "tiny-llama-student"  # the dense (Llama) student of the distillation
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hubserver import HubServer, create_repo  # noqa: E402
@@ -75,6 +76,17 @@ def reference_dir(checkpoint, corpus_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "reference"
     reference.run(checkpoint, corpus_dir / "evaluation.txt", out, EvaluationSettings(max_chunks=16))
     return out
+
+
+@pytest.fixture(scope="session")
+def student(corpus_dir, tmp_path_factory) -> dict[str, Path]:
+    """The embedded dense student through download, calibration and reference, as a model of its own."""
+    root = tmp_path_factory.mktemp("student")
+    download.run(str(EMBEDDED_STUDENT), "v1", root / "checkpoint", DownloadSettings())
+    checkpoint = root / "checkpoint"
+    calibrate.run(checkpoint, corpus_dir / "calibration.txt", root / "calibration", CalibrationSettings(samples=16))
+    reference.run(checkpoint, corpus_dir / "evaluation.txt", root / "reference", EvaluationSettings(max_chunks=8))
+    return {"checkpoint": root / "checkpoint", "calibration": root / "calibration", "reference": root / "reference"}
 
 
 @pytest.fixture(scope="session")

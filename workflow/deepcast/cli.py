@@ -293,6 +293,159 @@ def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_g
                            plan_file, teacher))  # fmt: skip
 
 
+@main.group()
+def trtllm() -> None:
+    """TensorRT-LLM: ModelOpt checkpoints, trtllm-serve bundles and their validation."""
+
+
+@trtllm.command(name="quantize")
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--calibration", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True, help="Reference tokens for ModelOpt's fake-quant figures.")
+@click.option("--format", "fmt", required=True, help="trtllm-fp8, trtllm-int4-awq, trtllm-w4a8-awq or trtllm-nvfp4.")
+@click.option("--settings", "raw", default="{}", help="JSON of the trtllm settings.")
+@click.option("--evaluation", "raw_evaluation", default="{}", help="JSON of the evaluation settings (device, batch).")
+@click.option("--target", "target_name", help="Refuse formats this target cannot run (default: no check).")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("config"), show_default=True)
+@click.option("--out", type=OUT, required=True)
+def trtllm_quantize(checkpoint, calibration, reference, fmt, raw, raw_evaluation, target_name, config_dir, out) -> None:
+    """mtq.quantize on the shared calibration set, then export_hf_checkpoint."""
+    from deepcast.stages import trtllm as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw_evaluation)
+    _report(stage.quantize(checkpoint, calibration, reference, out, fmt, _settings(settings_module.TrtllmSettings, raw),
+                           evaluation.device, evaluation.batch_size, _target(target_name, config_dir)))  # fmt: skip
+
+
+@trtllm.command(name="bundle")
+@click.option("--artifact", type=DIR, required=True, help="A ModelOpt checkpoint, or the 16-bit one for trtllm-bf16.")
+@click.option("--format", "fmt", required=True)
+@click.option("--target", "target_name", required=True)
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the trtllm settings.")
+@click.option("--out", type=OUT, required=True)
+def trtllm_bundle(artifact, fmt, target_name, config_dir, raw, out) -> None:
+    """checkpoint/, config.yml and launch.sh for trtllm-serve on the target."""
+    from deepcast.stages import trtllm as stage
+
+    settings = _settings(settings_module.TrtllmSettings, raw)
+    _report(stage.bundle(artifact, _target(target_name, config_dir), out, fmt, settings))
+
+
+@trtllm.command(name="validate")
+@click.option("--bundle", "bundle_dir", type=DIR, required=True)
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True)
+@click.option("--format", "fmt", required=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates).")
+@click.option("--teacher-checkpoint", "teacher", type=DIR, help="A distilled student's teacher checkpoint.")
+@target_options
+def trtllm_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates, teacher, target_name, config_dir,
+                    plan_file) -> None:  # fmt: skip
+    """Layout, the exported checkpoint against the 16-bit model, smoke, serving where possible, the gate."""
+    from deepcast.stages import trtllm as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    gates = _settings(settings_module.ValidateSettings, raw_gates)
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
+                           _target(target_name, config_dir), plan_file, teacher))  # fmt: skip
+
+
+@main.group()
+def onnx() -> None:
+    """ONNX Runtime GenAI: model-builder graphs, bundles and their validation through onnxruntime-genai."""
+
+
+@onnx.command(name="build")
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--format", "fmt", required=True, help="onnx-fp32, onnx-fp16 or onnx-int4.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the onnx settings.")
+@click.option("--out", type=OUT, required=True)
+def onnx_build(checkpoint, fmt, provider, raw, out) -> None:
+    """The pinned onnxruntime-genai model builder for one precision and execution provider."""
+    from deepcast.stages import onnx as stage
+
+    _report(stage.build(checkpoint, out, fmt, provider, _settings(settings_module.OnnxSettings, raw)))
+
+
+@onnx.command(name="bundle")
+@click.option("--artifact", type=DIR, required=True)
+@click.option("--format", "fmt", required=True)
+@click.option("--target", "target_name", required=True)
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--out", type=OUT, required=True)
+def onnx_bundle(artifact, fmt, target_name, config_dir, out) -> None:
+    """The graph, tokenizer, chat.py and launch.sh for the target."""
+    from deepcast.stages import onnx as stage
+
+    _report(stage.bundle(artifact, _target(target_name, config_dir), out, fmt))
+
+
+@onnx.command(name="validate")
+@click.option("--bundle", "bundle_dir", type=DIR, required=True)
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--reference", type=DIR, required=True)
+@click.option("--format", "fmt", required=True)
+@click.option("--out", type=OUT, required=True)
+@click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
+@click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates).")
+@click.option("--teacher-checkpoint", "teacher", type=DIR, help="A distilled student's teacher checkpoint.")
+@target_options
+def onnx_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates, teacher, target_name, config_dir,
+                  plan_file) -> None:  # fmt: skip
+    """Quality, smoke and CPU speed through onnxruntime-genai; the gate."""
+    from deepcast.stages import onnx as stage
+
+    evaluation = _settings(settings_module.EvaluationSettings, raw)
+    gates = _settings(settings_module.ValidateSettings, raw_gates)
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
+                           _target(target_name, config_dir), plan_file, teacher))  # fmt: skip
+
+
+@main.group()
+def edgellm() -> None:
+    """TensorRT Edge-LLM: ONNX exports for Jetson, bundles that build the engine on the device."""
+
+
+@edgellm.command(name="export")
+@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--calibration", type=DIR, required=True)
+@click.option("--format", "fmt", required=True, help="edgellm-fp16, edgellm-int8 or edgellm-int4.")
+@click.option("--out", type=OUT, required=True)
+def edgellm_export(checkpoint, calibration, fmt, out) -> None:
+    """Quantize where the format asks for it, then export with the pinned tensorrt-edgellm."""
+    from deepcast.stages import edgellm as stage
+
+    _report(stage.export(checkpoint, calibration, out, fmt))
+
+
+@edgellm.command(name="bundle")
+@click.option("--artifact", type=DIR, required=True)
+@click.option("--format", "fmt", required=True)
+@click.option("--target", "target_name", required=True)
+@click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
+@click.option("--out", type=OUT, required=True)
+def edgellm_bundle(artifact, fmt, target_name, config_dir, out) -> None:
+    """The export and build_on_device.sh for a Jetson target."""
+    from deepcast.stages import edgellm as stage
+
+    _report(stage.bundle(artifact, _target(target_name, config_dir), out, fmt))
+
+
+@edgellm.command(name="validate")
+@click.option("--bundle", "bundle_dir", type=DIR, required=True)
+@click.option("--format", "fmt", required=True)
+@click.option("--out", type=OUT, required=True)
+def edgellm_validate(bundle_dir, fmt, out) -> None:
+    """The graph and its nodes; the engine build and its answers are not run here."""
+    from deepcast.stages import edgellm as stage
+
+    _report(stage.validate(bundle_dir, out, fmt))
+
+
 @main.command(name="plan")
 @click.option("--model", "model_spec", help="Registry name, hub id org/name[@revision] or local directory.")
 @click.option("--target", "target_name", help="A file name under config/targets/.")
@@ -488,7 +641,10 @@ def reproduce_command(artifact, scratch) -> None:
 RULES_OF_STAGE = {
     "download": ["download"], "calibrate": ["calibrate"], "reference": ["reference"], "plan": ["plan"],
     "gguf": ["gguf_convert"], "imatrix": ["gguf_imatrix"], "quantize": ["gguf_quantize"], "compress": ["compress"],
-    "bundle": ["gguf_bundle", "vllm_bundle"], "validate": ["gguf_validate", "vllm_validate"], "report": ["report"],
+    "trtllm": ["trtllm_quantize"], "onnx": ["onnx_build"], "edgellm": ["edgellm_export"],
+    "bundle": ["gguf_bundle", "vllm_bundle", "trtllm_bundle", "onnx_bundle", "edgellm_bundle"],
+    "validate": ["gguf_validate", "vllm_validate", "trtllm_validate", "onnx_validate", "edgellm_validate"],
+    "report": ["report"],
 }  # fmt: skip
 
 
@@ -591,14 +747,21 @@ def tools() -> None:
 
 
 @tools.command(name="install")
-@click.argument("tool", type=click.Choice(["llama.cpp"]))
+@click.argument("tool", type=click.Choice(["llama.cpp", "edgellm"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this version.")
 @click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
 def tools_install(tool: str, force: bool, jobs: int | None) -> None:
-    """Build llama.cpp's tools from the pinned source into the cache (once per version and backend)."""
+    """Build llama.cpp's tools from the pinned source, or TensorRT Edge-LLM's exporter's own environment,
+    into the cache (once per version)."""
     from deepcast import tools as tools_module
 
-    tools_module.install(force=force, jobs=jobs, log=lambda line: click.echo(line, err=True))
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    if tool == "edgellm":
+        from deepcast.stages import edgellm
+
+        edgellm.install(log=log)
+        return
+    tools_module.install(force=force, jobs=jobs, log=log)
 
 
 @tools.command(name="show")

@@ -15,6 +15,7 @@ class Requirement(Strict):
     below_compute_capability: float | None = None
     bf16: bool | None = None
     architectures: list[str] | None = None
+    interconnect: str | None = None
     not_interconnect: str | None = None
     unsupported: bool = False
 
@@ -42,6 +43,7 @@ class Rule(Strict):
             )
             or (need.bf16 and gpu is not None and not gpu.bf16)
             or (need.architectures and architecture not in need.architectures)
+            or (need.interconnect and (gpu is None or gpu.interconnect != need.interconnect))
             or (need.not_interconnect and gpu is not None and gpu.interconnect == need.not_interconnect)
         )
 
@@ -61,6 +63,14 @@ class Rules(Strict):
                     return text, notes
                 notes.append(text)
         return None, notes
+
+    def architecture_refusal(self, engine: str, fmt: str, architecture: str) -> str | None:
+        """The first rule for this engine and format that refuses the architecture, whatever the target."""
+        for rule in self.rules:
+            wanted = rule.requires.architectures
+            if rule.applies(engine, fmt) and not rule.note and wanted and architecture not in wanted:
+                return f"{rule.reason} (source: {rule.source})"
+        return None
 
 
 # The repository's config/ (the package lives in workflow/deepcast/).

@@ -104,6 +104,43 @@ class CompressSettings(Strict):
     )
 
 
+class TrtllmSettings(Strict):
+    formats: list[str] = Field(
+        default=["trtllm-fp8", "trtllm-int4-awq"],
+        description="TensorRT-LLM formats built for the target (trtllm-bf16, trtllm-fp8, trtllm-int4-awq, "
+        "trtllm-w4a8-awq, trtllm-nvfp4): ModelOpt checkpoints served by trtllm-serve's PyTorch backend; the plan "
+        "drops the ones the target cannot run and says why.",
+    )
+    awq_block_size: int = Field(
+        default=128, description="INT4-AWQ group size (TensorRT-LLM's kernels take 64 or 128).", ge=16, le=256
+    )
+    max_batch_size: int = Field(default=64, ge=1, description="trtllm-serve's max_batch_size.")
+    kv_cache_memory_fraction: float = Field(
+        default=0.85, gt=0, le=1, description="Share of the GPU memory left after the weights given to the KV cache."
+    )
+    cuda_graphs: bool = Field(default=True, description="Capture CUDA graphs up to max_batch_size at server start.")
+
+
+class OnnxSettings(Strict):
+    formats: list[str] = Field(
+        default=["onnx-int4"],
+        description="onnxruntime-genai builds (onnx-fp32, onnx-fp16, onnx-int4) for the target's execution "
+        "provider (CPU, or CUDA on GPU targets); dense Qwen2/Llama models only.",
+    )
+    int4_algorithm: Literal["k_quant", "rtn"] = Field(
+        default="k_quant", description="The builder's weight-only INT4 algorithm (no calibration data)."
+    )
+    int4_block_size: Literal[16, 32, 64, 128, 256] = Field(default=32, description="INT4 block (group) size.")
+
+
+class EdgeLlmSettings(Strict):
+    formats: list[str] = Field(
+        default=["edgellm-int4", "edgellm-fp16"],
+        description="TensorRT Edge-LLM formats for Jetson targets (edgellm-fp16, edgellm-int8, edgellm-int4); "
+        "the engine is built on the device.",
+    )
+
+
 class Gate(Strict):
     max_perplexity_increase_percent: float = Field(gt=0, description="Over the reference (16-bit) perplexity.")
     max_kl_divergence: float | None = Field(default=None, gt=0, description="Mean KLD to the 16-bit model.")
@@ -115,10 +152,11 @@ def _gates(formats: list[str], increase: float, kld: float) -> dict[str, Gate]:
 
 # [D] Loose enough for every format's published quality (hardware.md F), tight enough to catch a broken one.
 DEFAULT_GATES = {
-    **_gates(["BF16", "F16"], 0.5, 0.005),
-    **_gates(["Q8_0", "int8-w8a8", "fp8"], 2.0, 0.02),
+    **_gates(["BF16", "F16", "trtllm-bf16", "onnx-fp32", "onnx-fp16", "edgellm-fp16"], 0.5, 0.005),
+    **_gates(["Q8_0", "int8-w8a8", "fp8", "trtllm-fp8", "edgellm-int8"], 2.0, 0.02),
     **_gates(["Q6_K", "Q5_K_M", "Q5_K_S"], 4.0, 0.06),
-    **_gates(["Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "IQ4_NL", "gptq-w4a16", "awq-w4a16", "rtn-w4a16"], 10.0, 0.2),
+    **_gates(["Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "IQ4_NL", "gptq-w4a16", "awq-w4a16", "rtn-w4a16",
+              "trtllm-int4-awq", "trtllm-w4a8-awq", "trtllm-nvfp4", "onnx-int4", "edgellm-int4"], 10.0, 0.2),
     "*": Gate(max_perplexity_increase_percent=60.0, max_kl_divergence=1.5),  # 3 bits and fewer
 }
 
@@ -283,8 +321,9 @@ class Settings(Strict):
     )
     formats: list[str] | None = Field(
         default=None,
-        description="Narrow the plan to these formats (GGUF types and compress schemes). Default: gguf.types "
-        "and compress.schemes, minus what the target cannot run. A refused format named here is an error.",
+        description="Narrow the plan to these formats (GGUF types, compress schemes, trtllm-*, onnx-*, "
+        "edgellm-*). Default: gguf.types, compress.schemes, trtllm.formats, onnx.formats and edgellm.formats, minus "
+        "what the target cannot run. A refused format named here is an error.",
     )
     download: DownloadSettings = DownloadSettings()
     calibration: CalibrationSettings = CalibrationSettings()
@@ -293,6 +332,9 @@ class Settings(Strict):
     compress: CompressSettings = CompressSettings()
     # `validate` in config.yaml; the Python name avoids pydantic's BaseModel.validate.
     validation: ValidateSettings = Field(default=ValidateSettings(), alias="validate")
+    trtllm: TrtllmSettings = TrtllmSettings()
+    onnx: OnnxSettings = OnnxSettings()
+    edgellm: EdgeLlmSettings = EdgeLlmSettings()
     tools: ToolsSettings = ToolsSettings()
     distill: DistillSettings = DistillSettings()
 
@@ -301,7 +343,8 @@ class Settings(Strict):
         if self.formats is not None:
             return list(self.formats), True
         types = [t.upper() for t in self.gguf.types]
-        return list(dict.fromkeys(types + self.compress.schemes)), False
+        engines = self.compress.schemes + self.trtllm.formats + self.onnx.formats + self.edgellm.formats
+        return list(dict.fromkeys(types + engines)), False
 
 
 def load(raw: dict) -> Settings:

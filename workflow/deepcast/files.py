@@ -88,8 +88,9 @@ def verify_checksums(directory: Path) -> None:
         )
 
 
-def write_launch_script(directory: Path, comment: str, command: str) -> None:
-    """launch.sh for a bundle: check every file against SHA256SUMS, then exec `command` with the caller's args."""
+def write_launch_script(directory: Path, comment: str, command: str, preflight: str = "") -> None:
+    """launch.sh for a bundle: check every file against SHA256SUMS, run `preflight` (shell lines that exit
+    non-zero when the machine cannot run the bundle), then exec `command` with the caller's args."""
     script = (
         "#!/usr/bin/env bash\n"
         f"{comment}\n"
@@ -99,6 +100,7 @@ def write_launch_script(directory: Path, comment: str, command: str) -> None:
         f'    echo "bundle files do not match {CHECKSUMS}; refusing to start" >&2\n'
         "    exit 3\n"
         "fi\n"
+        f"{preflight}"
         f'exec {command} "$@"\n'
     )
     (directory / "launch.sh").write_text(script)

@@ -74,6 +74,14 @@ class Comparison:
         return asdict(self)
 
 
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Float logits on the CPU from a transformers model on any device, or from any callable model
+    (an onnxruntime-genai session) that takes input_ids and returns an object with .logits."""
+    parameters = getattr(model, "parameters", None)
+    device = next(parameters()).device if parameters else ids.device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
 @torch.no_grad()
 def compare(model, reference_model, chunks: list[list[int]], batch_size: int = 4) -> Comparison:
     """Perplexity, KL divergence and top-1 agreement on the second half of every chunk."""
@@ -83,8 +91,8 @@ def compare(model, reference_model, chunks: list[list[int]], batch_size: int = 4
     scored = 0
     for start in range(0, len(chunks), batch_size):
         ids = torch.tensor(chunks[start : start + batch_size])
-        quantized = torch.log_softmax(model(input_ids=ids).logits.float()[:, first : n_ctx - 1], dim=-1)
-        base = torch.log_softmax(reference_model(input_ids=ids).logits.float()[:, first : n_ctx - 1], dim=-1)
+        quantized = torch.log_softmax(_logits(model, ids)[:, first : n_ctx - 1], dim=-1)
+        base = torch.log_softmax(_logits(reference_model, ids)[:, first : n_ctx - 1], dim=-1)
         if not torch.isfinite(quantized).all():
             raise ValueError("the quantized model returned NaN or infinite logits")
         targets = ids[:, first + 1 : n_ctx]

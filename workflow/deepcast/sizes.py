@@ -295,8 +295,10 @@ def gguf_size(
 # pack-quantized W4A16: int32 weight_packed (8 values per int32), a bf16 weight_scale per group,
 # int64 weight_shape[2]; int-quantized W8A8 and float-quantized FP8: one byte per weight and a bf16 scale
 # per output channel. Everything else keeps its 16-bit dtype. onnx-int4 is the onnxruntime-genai
-# builder's MatMulNBits with its default block of 32.
+# builder's MatMulNBits with its default block of 32. nvfp4 (ModelOpt): 4-bit values with an FP8 scale per
+# block of 16 and an FP32 second-level scale per tensor.
 W4_GROUP = {"gptq-w4a16": 128, "awq-w4a16": 128, "rtn-w4a16": 128, "onnx-int4": 32}
+NVFP4_BLOCK = 16
 SAFETENSORS_ENTRY_BYTES = 64  # [D] JSON header bytes per tensor beside its name
 
 
@@ -305,6 +307,8 @@ def _linear_bytes(out_features: int, in_features: int, scheme: str) -> tuple[int
     if scheme in W4_GROUP:
         groups = -(-in_features // W4_GROUP[scheme])
         return out_features * in_features // 2 + out_features * groups * 2 + 16, 3
+    if scheme == "nvfp4":
+        return out_features * in_features // 2 + out_features * -(-in_features // NVFP4_BLOCK) + 8, 4
     return out_features * in_features + out_features * 2, 2
 
 

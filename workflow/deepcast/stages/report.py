@@ -15,7 +15,8 @@ from pathlib import Path
 
 from deepcast.manifest import Recorder, read
 
-ENGINE_DIRS = ("llama.cpp", "vllm")  # bundle folders under a target: GGUF and compressed-tensors
+# Bundle folders under a target: GGUF, compressed-tensors, ModelOpt, ONNX Runtime GenAI, Edge-LLM exports.
+ENGINE_DIRS = ("llama.cpp", "vllm", "tensorrt-llm", "onnxruntime-genai", "tensorrt-edge-llm")
 
 
 @dataclass
@@ -59,7 +60,12 @@ def collect(target_dir: Path, parameters: int) -> list[Row]:
         for artifact in sorted(p for p in engine_dir.iterdir() if (p / "bundle").is_dir()):
             row = Row(f"{engine_dir.name}/{artifact.name}", artifact.name, engine_dir.name)
             validation = artifact / "validation"
-            if (validation / "manifest.json").is_file():
+            if (validation / "manifest.json").is_file() and "perplexity" not in read(validation)["results"]:
+                results = read(validation)["results"]  # checked here, measured only on the device (Edge-LLM)
+                size = results["size_bytes"]
+                row.size_gb, row.bits_per_weight = round(size / 1e9, 4), round(size * 8 / parameters, 3)
+                row.gate = f"{results['gate']['status']}: {results['gate']['reason']}"
+            elif (validation / "manifest.json").is_file():
                 results = read(validation)["results"]
                 engine = results.get("engine") or engine_dir.name
                 reference = results["perplexity_reference"]
