@@ -156,6 +156,22 @@ def test_three_targets_get_the_dags_their_plans_say():
     assert len({tuple(b) for b in bundles.values()}) == 3
 
 
+def test_the_engine_branches_follow_the_plan_per_target():
+    dense = "model=tiny-llama-student"
+    hopper = " ".join(shell_commands("target=h100", dense))
+    for step in ("trtllm quantize", "trtllm bundle", "trtllm validate", "onnx build", "onnx bundle", "onnx validate"):
+        assert f"deepcast {step} " in hopper, step
+    assert "--format trtllm-fp8" in hopper and "--provider cuda" in hopper and "deepcast edgellm" not in hopper
+    turing = " ".join(shell_commands("target=4x2080ti", dense))
+    assert "deepcast trtllm" not in turing and "deepcast onnx build" in turing  # TensorRT-LLM left Turing
+    jetson = " ".join(shell_commands("target=jetson-agx-orin-64g", dense))
+    assert "deepcast edgellm export" in jetson and "--format edgellm-int4" in jetson
+    assert "deepcast trtllm" not in jetson and "deepcast onnx" not in jetson
+    teacher = " ".join(shell_commands("target=h100"))  # MLA: no ONNX; MoE: ModelOpt FP8 only
+    assert "--format trtllm-fp8" in teacher and "--format trtllm-int4-awq" not in teacher
+    assert "deepcast onnx" not in teacher
+
+
 def test_formats_narrow_the_plan_and_cannot_force_a_refused_one(tmp_path):
     narrowed = shell_commands("target=h100", "formats=[Q8_0]")
     assert any("--type Q8_0" in c for c in narrowed)
