@@ -84,6 +84,7 @@ def test_fake_quant_figures_are_measured(quantized):
 def test_the_exported_checkpoint_reads_back_as_modelopt_computed_it(validated, quantized):
     for fmt, result in validated.items():
         fake = manifest(quantized[fmt])["results"]["fake_quant"]
+        assert result["fake_quant"] == fake  # carried from the quantize step through the bundle
         assert result["layout"]["quantized_linears"] == 28  # 4 layers x 7 projections
         assert result["perplexity_ratio_to_reference"] < 1.1, result
         # Export shares scales across fused projections, so the artifact is close to, not equal to, the fake-quant.

@@ -44,6 +44,30 @@ def roofline(plan_file: Path | None, fmt: str) -> float | None:
     return None
 
 
+def against_reference(
+    model, checkpoint: Path, reference_dir: Path, batch_size: int, teacher: Path | None = None
+) -> dict:
+    """Perplexity, KL divergence and top-1 agreement against the 16-bit checkpoint on the reference tokens, with
+    the reference perplexity and the ratio to it; for a distilled student, the same against its teacher."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deepcast.perplexity import compare
+
+    chunks = json.loads((reference_dir / "chunks.json").read_text())
+    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    figures = {}
+    for label, source in (("base", checkpoint), ("teacher", teacher)):
+        if source is not None:
+            other = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+            figures[label] = compare(model, other.eval(), chunks, batch_size).as_dict()
+            del other
+    base = figures["base"]
+    ratio = round(base["perplexity"] / reference, 6)
+    results = {**base, "perplexity_reference": reference, "perplexity_ratio_to_reference": ratio}
+    return results | ({"teacher": figures["teacher"]} if teacher is not None else {})
+
+
 def not_measured(reason: str, estimate: float | None) -> dict:
     return {"status": "not measured here", "reason": reason, "roofline_decode_tokens_per_s": estimate}
 

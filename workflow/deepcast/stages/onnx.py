@@ -258,12 +258,10 @@ def validate(
 ) -> dict:
     """Quality against the 16-bit model on the reference tokens, smoke prompts twice and CPU speed, all through
     onnxruntime-genai; the gate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from deepcast import validation
     from deepcast.files import verify_checksums
-    from deepcast.perplexity import compare
 
     settings = settings or ValidateSettings()
     verify_checksums(bundle_dir)
@@ -271,30 +269,19 @@ def validate(
     provider = json.loads((bundle_dir / "bundle.json").read_text())["provider"]
     recorder = Recorder("onnx_validate", {"format": fmt, "provider": provider, "batch_size": batch_size})
     recorder.input("model.onnx", bundle_dir / "model.onnx")
-    chunks = json.loads((reference_dir / "chunks.json").read_text())
-    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
     model = GenaiModel(bundle_dir)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
-    comparison = compare(model, base, chunks, batch_size)
-    vocab = base.config.vocab_size
-    del base
-    tokenizer = AutoTokenizer.from_pretrained(bundle_dir)
+    vocab = json.loads((bundle_dir / "genai_config.json").read_text())["model"]["vocab_size"]
     results = {
-        **comparison.as_dict(),
-        "perplexity_reference": reference,
-        "perplexity_ratio_to_reference": round(comparison.perplexity / reference, 6),
+        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
         "engine": "onnxruntime-genai",
         "built_for": provider,
         "evaluated_on": "CPU provider" + (CUDA_NOT_RUN if provider == "cuda" else ""),
-        "smoke": smoke(model, tokenizer),
+        "smoke": smoke(model, AutoTokenizer.from_pretrained(bundle_dir)),
         "speed": cpu_speed(model, vocab, validation.roofline(plan_file, fmt)),
         "size_bytes": sum(p.stat().st_size for p in bundle_dir.glob("model.onnx*")),
     }
     if provider == "cuda":
         results["speed"]["note"] = "this machine's CPU, not the target's GPU"
-    if teacher is not None:
-        teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, trust_remote_code=False)
-        results["teacher"] = compare(model, teacher_model.eval(), chunks, batch_size).as_dict()
     results["gate"] = gates.apply(str(bundle_dir.parent), fmt, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 

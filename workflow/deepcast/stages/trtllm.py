@@ -402,7 +402,6 @@ def validate(
     from deepcast import validation
     from deepcast.files import verify_checksums
     from deepcast.manifest import read
-    from deepcast.perplexity import compare
 
     settings = settings or ValidateSettings()
     verify_checksums(bundle_dir)
@@ -410,28 +409,21 @@ def validate(
     artifact = bundle_dir / "checkpoint"
     recorder = Recorder("trtllm_validate", {"format": fmt_name, "batch_size": batch_size})
     recorder.input("config.yml", bundle_dir / "config.yml")
-    chunks = json.loads((reference_dir / "chunks.json").read_text())
-    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
     if fmt.quant_algo is None:
         layout, fake_quant = {"quant_algo": None, "note": "the 16-bit checkpoint itself"}, None
         model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False).eval()
         loaded_with = "transformers"
     else:
         layout = check_layout(artifact, checkpoint, fmt)
-        fake_quant = read(bundle_dir).get("quantize", {}).get("fake_quant")
+        fake_quant = (read(bundle_dir)["results"].get("quantize") or {}).get("fake_quant")
         if fmt.quant_algo not in ("FP8", "W4A16_AWQ", "W4A8_AWQ"):
             raise DeepcastError(
                 f"deepcast has no reader for {fmt.quant_algo} checkpoints on this machine, so "
                 f"{fmt_name} cannot be validated here. Fix: validate it where TensorRT-LLM runs."
             )
         model, loaded_with = load_dequantized(artifact), "deepcast's reader of the ModelOpt checkpoint (dequantized)"
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
-    comparison = compare(model, base, chunks, batch_size)
-    del base
     results = {
-        **comparison.as_dict(),
-        "perplexity_reference": reference,
-        "perplexity_ratio_to_reference": round(comparison.perplexity / reference, 6),
+        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
         "engine": "tensorrt-llm",
         "loaded_with": loaded_with,
         "layout": layout,
@@ -443,9 +435,6 @@ def validate(
     }
     if results["serving"]["status"] == "served":
         results["speed"]["reason"] = "served once for correctness; speed is trtllm-bench's job on the target"
-    if teacher is not None:
-        teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, trust_remote_code=False)
-        results["teacher"] = compare(model, teacher_model.eval(), chunks, batch_size).as_dict()
     results["gate"] = gates.apply(str(bundle_dir.parent), fmt_name, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
