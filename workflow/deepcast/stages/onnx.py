@@ -226,10 +226,11 @@ def cpu_speed(
 ) -> dict:
     """Prompt and decode tokens per second through onnxruntime-genai on this machine's CPU."""
     import numpy as np
+    import torch
 
     ids = np.random.default_rng(0).integers(100, vocab - 1, prompt_tokens).tolist()
     started = time.perf_counter()
-    model(input_ids=__import__("torch").tensor([ids]))
+    model(input_ids=torch.tensor([ids]))
     prompt_s = time.perf_counter() - started
     started = time.perf_counter()
     produced = len(model.greedy(ids[:8], new_tokens))
