@@ -61,7 +61,8 @@ def test_the_jetson_plan_picks_edge_llm_and_refuses_the_rest_with_reasons():
         assert rows[fmt]["viable"] and rows[fmt]["built"] and rows[fmt]["context"] > 0, rows[fmt]
     assert {"edgellm-int4", "edgellm-fp16"} <= set(plan["chosen"])
     assert any("calibrator" in note for note in rows["edgellm-int8"]["notes"])
-    assert "Jetson" in rows["trtllm-fp8"]["reason"] and "aarch64" in rows["onnx-int4"]["reason"]
+    engines = {(c["format"], c["engine"]): c for c in plan["candidates"]}
+    assert "Jetson" in engines[("trtllm-fp8", "tensorrt-llm")]["reason"] and "aarch64" in rows["onnx-int4"]["reason"]
     mla = json.loads(
         deepcast_cli(
             "plan", "--model", "tiny-deepseek-v3", "--target", JETSON, "--config-dir", str(CONFIG), "--json"
