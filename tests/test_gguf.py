@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -243,3 +246,39 @@ def test_conversion_restores_deepseek_v3_sigmoid_routing(checkpoint, llama, tmp_
 
     field = GGUFReader(tmp_path / "bf16" / "model.gguf").fields["deepseek2.expert_gating_func"]
     assert int(field.parts[-1][0]) == ExpertGatingFuncType.SIGMOID
+
+
+@pytest.fixture(scope="module")
+def packed_source(tmp_path_factory) -> Path:
+    packed = tmp_path_factory.mktemp("pack") / "llama.cpp-src.tar.xz"
+    tools.pack(packed, log=lambda line: None)
+    return packed
+
+
+def test_a_packed_source_keeps_what_the_build_and_converter_read_and_configures(packed_source, tmp_path):
+    tree = tmp_path / "src"
+    assert tools.extract(packed_source, tree)["sdist_sha256"] == tools.SDIST_SHA256
+    cuda_instance = "ggml/src/ggml-cuda/template-instances/fattn-vec-instance-f16-f16.cu"  # a long name
+    for needed in ("CMakeLists.txt", "convert_hf_to_gguf.py", "gguf-py", "conversion", cuda_instance):
+        assert (tree / needed).exists(), needed
+    for left_out in ("docs", "models", "tests", "ggml/src/ggml-vulkan", "tools/ui/src", "llama_cpp_python-0.3.36"):
+        assert not (tree / left_out).exists(), left_out
+    assert packed_source.stat().st_size < 8e6  # what travels where the 77 MB sdist cannot
+    configure = subprocess.run(["cmake", "-S", tree, "-B", tmp_path / "build", *tools.cmake_flags(None)],
+                               capture_output=True, text=True)  # fmt: skip
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+
+
+def test_a_source_packed_from_another_version_or_not_by_deepcast_is_refused(packed_source, tmp_path):
+    other = tmp_path / "other.tar.xz"
+    with tarfile.open(other, "w:xz") as archive:
+        record = json.dumps({"package": tools.PACKAGE, "version": "0.0.1", "sdist_sha256": "0" * 64}).encode()
+        info = tarfile.TarInfo(tools.PACKED)
+        info.size = len(record)
+        archive.addfile(info, io.BytesIO(record))
+    with pytest.raises(DeepcastError, match="packed from llama-cpp-python 0.0.1, not the pinned"):
+        tools.extract(other, tmp_path / "a")
+    not_packed = tmp_path / "notes.tar.xz"
+    not_packed.write_text("not an archive")
+    with pytest.raises(DeepcastError, match="is not a llama.cpp source packed by deepcast.*tools pack llama.cpp"):
+        tools.extract(not_packed, tmp_path / "b")

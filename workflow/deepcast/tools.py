@@ -10,6 +10,7 @@ and the source tree (`convert_hf_to_gguf.py`, `gguf-py/`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from deepcast import sdist as pinned_sdist
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path, cache_root
+from deepcast.files import atomic_path, cache_root, sha256_file
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -78,6 +79,12 @@ class LlamaCpp:
         paths = [str(self.root / "src" / "gguf-py"), str(self.root / "src")]
         return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
 
+    @property
+    def compute_backend(self) -> str:
+        """Where the tools compute here: "cuda" for a CUDA build with a GPU visible (every layer that fits is
+        offloaded by default), else "cpu"."""
+        return "cuda" if str(self.stamp.get("backend", "")).startswith("cuda") and visible_gpus("name") else "cpu"
+
     def versions(self) -> dict:
         return {k: self.stamp[k] for k in ("version", "sdist_sha256", "backend", "cmake_flags") if k in self.stamp}
 
@@ -108,16 +115,74 @@ def locate(configured: str | None = None) -> LlamaCpp:
     return LlamaCpp(root, stamp)
 
 
-def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp:
-    cuda_archs = cuda_architectures()
-    root = install_dir(cuda_archs)
-    if (root / STAMP).is_file() and not force:
-        log(f"llama.cpp {VERSION} ({backend_name(cuda_archs)}) already built in {root}")
-        return locate()
-    sdist = pinned_sdist.fetch(
+# What neither the build of TOOLS nor the converter reads: `deepcast tools pack llama.cpp` leaves it out, so the
+# source fits where the full sdist (77 MB, mostly test vocabularies and docs) cannot travel.
+UNNEEDED = (
+    "docs", "models", "media", "tests", "benches", "examples", "pocs", "ci", "skills", "grammars",
+    "tools/ui/src", "tools/ui/tests", "tools/server/tests",
+    *(f"ggml/src/ggml-{backend}" for backend in
+      ("cann", "et", "hexagon", "metal", "musa", "opencl", "openvino", "sycl", "virtgpu", "vulkan", "webgpu", "zdnn")),
+)  # fmt: skip
+PACKED = "deepcast-source.json"  # what a packed tree was cut from
+
+
+def _unneeded(name: str) -> bool:
+    return any(name == path or name.startswith(path + "/") for path in UNNEEDED)
+
+
+def _sdist() -> Path:
+    return pinned_sdist.fetch(
         PACKAGE, VERSION, SDIST_SHA256, cache_root() / "downloads" / f"llama_cpp_python-{VERSION}.tar.gz"
     )
-    flags = [
+
+
+def pack(out: Path, log=print) -> dict:
+    """The pinned tree without what the build and converter never read, as a .tar.xz for an offline machine."""
+    sdist = _sdist()
+    record = {"package": PACKAGE, "version": VERSION, "sdist_sha256": SDIST_SHA256, "left_out": list(UNNEEDED)}
+    with atomic_path(out) as tmp, tarfile.open(sdist) as archive, tarfile.open(tmp, "w:xz") as packed:
+        for member in archive.getmembers():
+            name = member.name[len(VENDORED) + 1 :]
+            if member.name.startswith(VENDORED + "/") and not _unneeded(name):
+                member.name = name
+                member.pax_headers.pop("path", None)  # a long name's pax record would otherwise win over .name
+                packed.addfile(member, archive.extractfile(member) if member.isfile() else None)
+        data = (json.dumps(record, indent=2) + "\n").encode()
+        info = tarfile.TarInfo(PACKED)
+        info.size = len(data)
+        packed.addfile(info, io.BytesIO(data))
+    log(f"packed llama.cpp {VERSION} into {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return record
+
+
+def extract(source: Path | None, dest: Path) -> dict:
+    """The pinned sdist's vendored tree, or a packed one (checked to be cut from that sdist), into dest."""
+    if source is None:
+        with tarfile.open(_sdist()) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(VENDORED + "/")]
+            for member in members:
+                member.name = member.name[len(VENDORED) + 1 :]
+            archive.extractall(dest, members=members, filter="data")
+        return {"sdist_sha256": SDIST_SHA256}
+    try:
+        with tarfile.open(source) as archive:
+            archive.extractall(dest, filter="data")
+        record = json.loads((dest / PACKED).read_text())
+    except (OSError, tarfile.TarError, json.JSONDecodeError) as error:
+        raise DeepcastError(
+            f"{source} is not a llama.cpp source packed by deepcast ({error}). "
+            "Fix: make it with `deepcast tools pack llama.cpp OUT.tar.xz` on a machine that reaches the registry."
+        ) from None
+    if (record.get("version"), record.get("sdist_sha256")) != (VERSION, SDIST_SHA256):
+        raise DeepcastError(
+            f"{source} was packed from {record.get('package')} {record.get('version')}, not the pinned {VERSION}. "
+            "Fix: pack it again with this deepcast (`deepcast tools pack llama.cpp OUT.tar.xz`)."
+        )
+    return {"sdist_sha256": SDIST_SHA256, "packed_source_sha256": sha256_file(source)}
+
+
+def cmake_flags(cuda_archs: str | None) -> list[str]:
+    return [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -129,14 +194,20 @@ def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp
         f"-DGGML_CUDA={'ON' if cuda_archs else 'OFF'}",
         *([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}"] if cuda_archs else []),
     ]
+
+
+def install(force: bool = False, jobs: int | None = None, log=print, source: Path | None = None) -> LlamaCpp:
+    """Build TOOLS from the pinned sdist, or from a tree `pack` cut from it (`source`), into the cache."""
+    cuda_archs = cuda_architectures()
+    root = install_dir(cuda_archs)
+    if (root / STAMP).is_file() and not force:
+        log(f"llama.cpp {VERSION} ({backend_name(cuda_archs)}) already built in {root}")
+        return locate()
+    flags = cmake_flags(cuda_archs)
     with atomic_path(root) as tmp:
         tmp.mkdir(parents=True)
-        log(f"extracting {sdist.name}")
-        with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers() if m.name.startswith(VENDORED + "/")]
-            for member in members:
-                member.name = member.name[len(VENDORED) + 1 :]
-            archive.extractall(tmp / "src", members=members, filter="data")
+        log(f"extracting llama.cpp {VERSION} from {source or 'the pinned sdist'}")
+        provenance = extract(source, tmp / "src")
         build = tmp / "build"
         _run(["cmake", "-S", str(tmp / "src"), "-B", str(build), *flags], log)
         _run(["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS], log)
@@ -147,7 +218,7 @@ def install(force: bool = False, jobs: int | None = None, log=print) -> LlamaCpp
         stamp = {
             "package": PACKAGE,
             "version": VERSION,
-            "sdist_sha256": SDIST_SHA256,
+            **provenance,
             "backend": backend_name(cuda_archs),
             "cmake_flags": flags,
             "machine": platform.machine(),
