@@ -290,7 +290,7 @@ def compress_validate(bundle_dir, checkpoint, reference, scheme, out, raw, raw_g
     gates = _settings(settings_module.ValidateSettings, raw_gates)
     target = _target(target_name, config_dir)
     _report(stage.validate(bundle_dir, checkpoint, reference, out, scheme, evaluation.batch_size, gates, target,
-                           plan_file, teacher))  # fmt: skip
+                           plan_file, teacher, evaluation.device))  # fmt: skip
 
 
 @main.group()
@@ -350,7 +350,7 @@ def trtllm_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates,
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
     _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
-                           _target(target_name, config_dir), plan_file, teacher))  # fmt: skip
+                           _target(target_name, config_dir), plan_file, teacher, evaluation.device))  # fmt: skip
 
 
 @main.group()
@@ -750,7 +750,12 @@ def tools() -> None:
 @click.argument("tool", type=click.Choice(["llama.cpp", "edgellm"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this version.")
 @click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
-def tools_install(tool: str, force: bool, jobs: int | None) -> None:
+@click.option(
+    "--source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="llama.cpp: build from a source `deepcast tools pack` made (a machine without the registry).",
+)
+def tools_install(tool: str, force: bool, jobs: int | None, source: Path | None) -> None:
     """Build llama.cpp's tools from the pinned source, or TensorRT Edge-LLM's exporter's own environment,
     into the cache (once per version)."""
     from deepcast import tools as tools_module
@@ -761,7 +766,18 @@ def tools_install(tool: str, force: bool, jobs: int | None) -> None:
 
         edgellm.install(log=log)
         return
-    tools_module.install(force=force, jobs=jobs, log=log)
+    tools_module.install(force=force, jobs=jobs, log=log, source=source)
+
+
+@tools.command(name="pack")
+@click.argument("tool", type=click.Choice(["llama.cpp"]))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def tools_pack(tool: str, out: Path) -> None:
+    """The pinned llama.cpp source without what the build never reads (a .tar.xz of about 5 MB), for
+    `deepcast tools install llama.cpp --source` on a machine that cannot reach the package registry."""
+    from deepcast import tools as tools_module
+
+    tools_module.pack(out, log=lambda line: click.echo(line, err=True))
 
 
 @tools.command(name="show")

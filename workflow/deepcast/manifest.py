@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shlex
@@ -43,6 +44,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def job_environment() -> dict[str, str]:
+    """Which scheduler job made the artifact and which GPUs it was given, where a scheduler set them."""
+    names = {"slurm_job_id": "SLURM_JOB_ID", "cuda_visible_devices": "CUDA_VISIBLE_DEVICES"}
+    return {key: os.environ[name] for key, name in names.items() if name in os.environ}
+
+
 def file_table(directory: Path) -> dict[str, dict]:
     """sha256 and size of every file under `directory` except the manifest itself."""
     return {
@@ -60,8 +67,9 @@ def peak_memory_mb() -> float:
 class Recorder:
     """Collects a stage's facts while it runs; `write` puts the manifest into the artifact."""
 
-    def __init__(self, stage: str, params: dict, seed: int | None = None):
-        self.stage, self.params, self.seed = stage, params, seed
+    def __init__(self, stage: str, params: dict, seed: int | None = None, backend: str | None = None):
+        """`backend`: where a stage that runs no torch computed (llama.cpp's tools), for tools.backend."""
+        self.stage, self.params, self.seed, self.backend = stage, params, seed, backend
         self.inputs: dict[str, str] = {}
         self.results: dict = {}
         self.started = time.time()
@@ -88,7 +96,8 @@ class Recorder:
             "seed": self.seed,
             "inputs": self.inputs,
             "results": self.results,
-            "tools": tool_versions(),
+            "tools": tool_versions() | ({"backend": self.backend} if self.backend else {}),
+            "job": job_environment(),
             "wall_time_s": round(time.time() - self.started, 3),
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "files": file_table(directory),

@@ -77,9 +77,9 @@ class Comparison:
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Float logits on the CPU from a transformers model on any device, or from any callable model
     (an onnxruntime-genai session) that takes input_ids and returns an object with .logits."""
-    parameters = getattr(model, "parameters", None)
-    device = next(parameters()).device if parameters else ids.device
-    return model(input_ids=ids.to(device)).logits.float().cpu()
+    from deepcast.validation import model_device
+
+    return model(input_ids=ids.to(model_device(model))).logits.float().cpu()
 
 
 @torch.no_grad()

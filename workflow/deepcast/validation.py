@@ -20,6 +20,25 @@ PROMPTS = ["ROMEO.\n", "To be, or not to be,", "The king is dead; long live"]
 SMOKE_TOKENS = 16
 
 
+def pick_device(requested: str) -> str:
+    """evaluation.device resolved: auto is the GPU where one is visible."""
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeepcastError("evaluation.device is cuda but no GPU is visible. Fix: set it to auto or cpu.")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def model_device(model):
+    """Where a transformers model's weights are; the CPU for a callable without parameters (an ONNX session)."""
+    import torch
+
+    parameters = getattr(model, "parameters", None)
+    return next(parameters()).device if parameters else torch.device("cpu")
+
+
 def hardware_here(target: Target) -> str | None:
     """None when this machine is the target's kind of machine; else why figures taken here would not hold."""
     if target.gpu is None:
@@ -59,8 +78,10 @@ def against_reference(
     figures = {}
     for label, source in (("base", checkpoint), ("teacher", teacher)):
         if source is not None:
-            other = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-            figures[label] = compare(model, other.eval(), chunks, batch_size).as_dict()
+            dtype = getattr(model, "dtype", torch.float32)  # the model's own: bf16 on a GPU, float32 on the CPU
+            other = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+            other = other.to(model_device(model)).eval()
+            figures[label] = compare(model, other, chunks, batch_size).as_dict()
             del other
     base = figures["base"]
     ratio = round(base["perplexity"] / reference, 6)
@@ -80,7 +101,7 @@ def transformers_smoke(model, tokenizer) -> dict:
     for _ in range(2):
         texts = []
         for prompt in PROMPTS:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model_device(model))
             with torch.no_grad():
                 logits = model(input_ids=ids).logits
                 if not torch.isfinite(logits).all():
@@ -103,7 +124,7 @@ def transformers_speed(
 
     import torch
 
-    ids = torch.randint(100, tokenizer.vocab_size - 1, (1, prompt_tokens))
+    ids = torch.randint(100, tokenizer.vocab_size - 1, (1, prompt_tokens)).to(model_device(model))
     with torch.no_grad():
         started = time.perf_counter()
         model(input_ids=ids)

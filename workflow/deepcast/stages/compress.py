@@ -336,15 +336,15 @@ def validate(
     target: Target | None = None,
     plan_file: Path | None = None,
     teacher: Path | None = None,
+    device: str = "auto",
 ) -> dict:
     """Quality against the 16-bit model on the reference tokens, smoke, speed, tasks, the gate; for a distilled
-    student, also against its teacher on the same tokens."""
+    student, also against its teacher on the same tokens. Runs on the evaluation device (the GPU where one is)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deepcast import validation
     from deepcast.files import verify_checksums
-    from deepcast.perplexity import compare
 
     settings = settings or ValidateSettings()
     verify_checksums(artifact)
@@ -353,21 +353,16 @@ def validate(
     engine = json.loads((artifact / "server.json").read_text())["engine"]
     recorder = Recorder("compress_validate", {"scheme": scheme_name, "batch_size": batch_size, "engine": engine})
     recorder.input("manifest.json", artifact / "manifest.json")
-    chunks = json.loads((reference_dir / "chunks.json").read_text())
-    reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
+    device = validation.pick_device(device)
     if scheme.format == "int-quantized":
         model, loader = load_int8_dequantized(artifact), "deepcast int8 dequantizer + per-token activation quantization"
     else:
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
+        # On a GPU in bf16, as the reference runs there: compressed-tensors keeps what it decompresses in the
+        # checkpoint's dtype on CUDA, and a float32 input then meets bf16 expert weights.
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, trust_remote_code=False)
         loader = "transformers (compressed-tensors decompression)"
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
-    comparison = compare(model.eval(), base, chunks, batch_size)
-    del base
-    against_teacher = None
-    if teacher is not None:
-        teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, trust_remote_code=False)
-        against_teacher = compare(model, teacher_model.eval(), chunks, batch_size).as_dict()
-        del teacher_model
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     estimate = validation.roofline(plan_file, scheme_name)
     elsewhere = validation.hardware_here(target) if target else "no target given"
@@ -378,9 +373,7 @@ def validate(
     else:
         speed = validation.transformers_speed(model, tokenizer, estimate)
     results = {
-        **comparison.as_dict(),
-        "perplexity_reference": reference,
-        "perplexity_ratio_to_reference": round(comparison.perplexity / reference, 6),
+        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
         "engine": engine,
         "loaded_with": loader,
         "layout": layout,
@@ -390,8 +383,6 @@ def validate(
         "tasks": validation.tasks(settings.tasks, artifact, settings.task_limit),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
-    if against_teacher is not None:
-        results["teacher"] = against_teacher
     results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, settings)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
@@ -455,7 +446,7 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str, engine: 
 
 
 def load_int8_dequantized(artifact: Path):
-    """W8A8 checkpoints in the int-quantized format vLLM serves, evaluated on CPU.
+    """W8A8 checkpoints in the int-quantized format vLLM serves, evaluated by transformers on any device.
 
     transformers 5.17 cannot regroup int-quantized MoE experts into its fused layout, so the int8
     weights are dequantized (weight * weight_scale, per output channel) into a float copy, and every

@@ -28,6 +28,7 @@ from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path, link_or_copy, remove, sha256_file
 from deepcast.kd import SIGNAL, Signal, sparse_forward_kl, top_k_of
 from deepcast.manifest import MANIFEST, Recorder, read
+from deepcast.validation import pick_device
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 TRAIN_STATE = "train-state"  # resumable Trainer checkpoints, beside the final checkpoint
@@ -259,12 +260,6 @@ def check_disk(settings: DistillSettings, results: Path, windows: int | None = N
 # The teacher signal
 
 
-def _device(requested: str) -> str:
-    from deepcast.stages.reference import pick_device
-
-    return pick_device(requested)
-
-
 def _load_model(checkpoint: Path, device: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
@@ -281,7 +276,7 @@ def signal_with_transformers(teacher: Path, windows, order, settings: DistillSet
     import torch
     from tqdm import tqdm
 
-    device = _device(settings.device)
+    device = pick_device(settings.device)
     model = _load_model(teacher, device)
     first, positions, k = first_loss_position(settings), settings.loss_positions, settings.loss.top_k
     ids, logprobs, tails = [], [], []
@@ -713,7 +708,7 @@ def train(
     recorder.input("teacher_config", teacher / "config.json")
     state = out.parent / TRAIN_STATE
     resume = _resume_point(state, recorded) if state.exists() else None
-    device = _device(settings.device)
+    device = pick_device(settings.device)
     downloaded = spec.kind == "hf" and spec.source is not None
     if downloaded and parameters_of(_read_config(base)) >= parameters_of(_read_config(teacher)):
         raise DeepcastError(

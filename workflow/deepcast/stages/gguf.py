@@ -138,7 +138,8 @@ def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
 
 def imatrix(base: Path, calibration: Path, out: Path, context: int, threads: int, llama: LlamaCpp) -> dict:
     model = verified_gguf(base)
-    recorder = Recorder("gguf_imatrix", {"context": context, "llama.cpp": llama.versions()})
+    params = {"context": context, "llama.cpp": llama.versions()}
+    recorder = Recorder("gguf_imatrix", params, backend=llama.compute_backend)
     recorder.input(MODEL, model)
     recorder.input("samples.txt", calibration / "samples.txt")
     with atomic_path(out) as tmp:
@@ -230,7 +231,8 @@ def kld_base(
 ) -> dict:
     """The 16-bit model's perplexity and its saved logits, the base of every KL divergence."""
     model = verified_gguf(base)
-    recorder = Recorder("gguf_kld_base", {"context": context, "chunks": chunks, "llama.cpp": llama.versions()})
+    params = {"context": context, "chunks": chunks, "llama.cpp": llama.versions()}
+    recorder = Recorder("gguf_kld_base", params, backend=llama.compute_backend)
     recorder.input(MODEL, model)
     recorder.input("evaluation_text", evaluation_text)
     with atomic_path(out) as tmp:
@@ -380,7 +382,7 @@ def validate(
     server = json.loads((bundle_dir / "server.json").read_text())
     model = bundle_dir / server["model"]
     verify_checksums(bundle_dir)
-    recorder = Recorder("gguf_validate", {"context": context, "chunks": chunks})
+    recorder = Recorder("gguf_validate", {"context": context, "chunks": chunks}, backend=llama.compute_backend)
     recorder.input("SHA256SUMS", bundle_dir / "SHA256SUMS")
     recorder.input(KLD_BASE, kld_dir / KLD_BASE)
     output = kl_divergence(model, kld_dir / KLD_BASE, context, chunks, threads, llama)

@@ -15,16 +15,7 @@ from deepcast.config import EvaluationSettings
 from deepcast.errors import DeepcastError
 from deepcast.manifest import Recorder
 from deepcast.perplexity import chunk_tokens, evaluate
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeepcastError("evaluation.device is cuda but no GPU is visible. Fix: set it to auto or cpu.")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+from deepcast.validation import pick_device
 
 
 def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: EvaluationSettings) -> dict:

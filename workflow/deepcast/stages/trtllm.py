@@ -25,6 +25,7 @@ from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
 from deepcast.manifest import Recorder
 from deepcast.registry import Target
+from deepcast.validation import pick_device
 
 MODELOPT_VERSION = "0.47.0"  # requirements.lock; export layouts change between releases
 TRTLLM_MIN_VERSION = "1.2"  # the first release whose trtllm-serve takes every key config.yml writes
@@ -127,16 +128,6 @@ def _preset(fmt: Format, block_size: int) -> dict:
     return preset
 
 
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeepcastError("evaluation.device is cuda but no GPU is visible. Fix: set it to auto or cpu.")
-    return requested
-
-
 def quantize(
     checkpoint: Path,
     calibration: Path,
@@ -150,7 +141,7 @@ def quantize(
 ) -> dict:
     """mtq.quantize over the calibration samples, ModelOpt's fake-quant figures on the reference tokens,
     then export_hf_checkpoint into `out` (all or nothing)."""
-    device = _device(device)
+    device = pick_device(device)
     fmt = check_request(fmt_name, checkpoint, settings.awq_block_size, target, device)
 
     import copy
@@ -338,14 +329,18 @@ def load_dequantized(artifact: Path):
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
 
     def hook(pre_scale, input_scale):
-        def quantize_input(_module, inputs):
-            x = inputs[0] * pre_scale if pre_scale is not None else inputs[0]
+        def quantize_input(_module, inputs):  # the scales follow the model to its device
+            x = inputs[0] * pre_scale.to(inputs[0].device) if pre_scale is not None else inputs[0]
             if input_scale is not None:
-                x = (x / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * input_scale
+                scale = input_scale.to(x.device)
+                x = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
             return (x,)
 
         return quantize_input
 
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    linearize_moe(model)  # ModelOpt exports per-expert Linears; transformers fuses them on load
     modules = dict(model.named_modules())
     missing = (set(pre_scales) | set(input_scales)) - set(modules)
     if missing:
@@ -393,9 +388,11 @@ def validate(
     target: Target | None = None,
     plan_file: Path | None = None,
     teacher: Path | None = None,
+    device: str = "auto",
 ) -> dict:
     """Layout, quality of the exported checkpoint against the 16-bit model on the reference tokens (beside
-    ModelOpt's fake-quant figures), smoke prompts, serving where TensorRT-LLM runs, the gate."""
+    ModelOpt's fake-quant figures), smoke prompts, serving where TensorRT-LLM runs, the gate. The quality
+    figures run on the evaluation device (the GPU where one is)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -422,6 +419,7 @@ def validate(
                 f"{fmt_name} cannot be validated here. Fix: validate it where TensorRT-LLM runs."
             )
         model, loaded_with = load_dequantized(artifact), "deepcast's reader of the ModelOpt checkpoint (dequantized)"
+    model = model.to(pick_device(device))
     results = {
         **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
         "engine": "tensorrt-llm",
