@@ -31,6 +31,23 @@ include: "rules/distill.smk"
 include: "rules/report.smk"
 
 
+# Light jobs run where Snakemake runs, not as cluster jobs: planning, the corpus and the hub download
+# (compute nodes often have no way out), the bundles (links, launch scripts, checksums) and the report.
+localrules:
+    all,
+    shared,
+    plan,
+    corpus,
+    download,
+    gguf_bundle,
+    vllm_bundle,
+    trtllm_bundle,
+    onnx_bundle,
+    edgellm_bundle,
+    distill_summary,
+    report,
+
+
 rule all:
     default_target: True
     input:

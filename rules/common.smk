@@ -8,6 +8,7 @@ from snakemake.utils import validate
 from deepcast import config as deepcast_config
 from deepcast import fingerprint
 from deepcast import layout
+from deepcast import resources as job_resources
 from deepcast.stages import distill as distillation
 from deepcast.stages import plan as planning
 from deepcast import registry
@@ -82,6 +83,48 @@ wildcard_constraints:
 
 def subject(wildcards):
     return SUBJECTS[wildcards.model]
+
+
+# What a cluster's scheduler needs per job (deepcast.resources): GPUs from the plan on a GPU target, host
+# memory from the model's size. Threads: every core of a local run; on a cluster (no --cores) the profile's
+# set-threads decide, and CLUSTER_THREADS stands where it names none.
+CLUSTER_THREADS = 8
+ALL_CORES = workflow.resource_settings.cores or CLUSTER_THREADS
+ONE_GPU = job_resources.one_gpu(TARGET)
+
+
+def plan_model_of(wildcards):
+    """The plan's model for a job: its subject's, or the configured model's for a downloaded student base."""
+    return SUBJECTS[wildcards.model].plan.model if wildcards.model in SUBJECTS else PLAN.model
+
+
+def host_memory(cpu, gpu, overhead_gb=job_resources.TORCH_OVERHEAD_GB):
+    """mem_mb of a job holding `cpu` (CPU target) or `gpu` (GPU target) copies of its model's 16-bit weights."""
+    copies = gpu if TARGET.gpu else cpu
+
+    def mem_mb(wildcards):
+        return job_resources.host_memory_mb(plan_model_of(wildcards), copies, overhead_gb)
+
+    return mem_mb
+
+
+def gguf_base_gpus(wildcards):
+    """The GPUs llama.cpp spreads the 16-bit GGUF over (imatrix, KLD base)."""
+    return job_resources.gpus_holding(
+        TARGET, job_resources.sixteen_bit_gb(plan_model_of(wildcards))
+    )
+
+
+def gguf_validate_gpus(wildcards):
+    return job_resources.placed_gpus(TARGET, subject(wildcards).chosen[gguf_quant_type(wildcards)])
+
+
+def gguf_validate_memory(wildcards):
+    return job_resources.served_memory_mb(subject(wildcards).chosen[gguf_quant_type(wildcards)])
+
+
+def trtllm_validate_gpus(wildcards):
+    return job_resources.placed_gpus(TARGET, subject(wildcards).chosen[wildcards.trtllm_format])
 
 
 def model_dir(name=MODEL.name):

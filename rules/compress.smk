@@ -17,7 +17,10 @@ rule compress:
     cache: "omit-software"
     conda:
         "../envs/llm-compressor.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=1.5, gpu=1.5),
     params:
         scheme="{scheme}",
         code=fingerprint.of_stage("compress"),
@@ -64,7 +67,10 @@ rule vllm_validate:
         "benchmarks/{target}/{model}/{revision}/vllm_validate_{scheme}.tsv"
     conda:
         "../envs/llm-compressor.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=4, gpu=2),
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),

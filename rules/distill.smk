@@ -17,7 +17,10 @@ rule distill_signal:
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=2, gpu=1),
     params:
         options=signal_options,
         settings=signal_settings,
@@ -41,6 +44,9 @@ rule distill_sequences:
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=2, gpu=1),
     params:
         options=sequences_options,
         settings=sequences_settings,
@@ -63,7 +69,10 @@ rule distill_train:
         model=STUDENT_MODELS,
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=8, gpu=2),
     params:
         options=train_options,
         teacher=MODEL.name,
@@ -88,7 +97,10 @@ rule distill_evaluate:
         model=STUDENT_MODELS,
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=4, gpu=2),
     params:
         settings=stage_settings("evaluation"),
         code=fingerprint.of_stage("distill"),

@@ -14,7 +14,9 @@ rule edgellm_export:
     cache: "omit-software"
     conda:
         "../envs/edgellm.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        mem_mb=host_memory(cpu=5, gpu=5),
     params:
         code=fingerprint.of_stage("edgellm"),
     shell:

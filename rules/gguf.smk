@@ -15,6 +15,8 @@ rule gguf_convert:
     cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
+    resources:
+        mem_mb=host_memory(cpu=0.5, gpu=0.5),
     params:
         dtype="{dtype}",
         llama_cpp=LLAMA_CPP_OPTION,
@@ -37,7 +39,10 @@ rule gguf_imatrix:
     cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=gguf_base_gpus,
+        mem_mb=host_memory(cpu=1, gpu=1, overhead_gb=job_resources.LLAMA_CPP_OVERHEAD_GB),
     params:
         context=SETTINGS.calibration.sequence_length,
         llama_cpp=LLAMA_CPP_OPTION,
@@ -60,7 +65,9 @@ rule gguf_quantize:
     cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        mem_mb=host_memory(cpu=0.2, gpu=0.2, overhead_gb=job_resources.LLAMA_CPP_OVERHEAD_GB),
     params:
         qtype=gguf_quant_type,
         options=gguf_quantize_options,
@@ -85,7 +92,10 @@ rule gguf_kld_base:
     cache: "omit-software"
     conda:
         "../envs/llama-cpp.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=gguf_base_gpus,
+        mem_mb=host_memory(cpu=1, gpu=1, overhead_gb=job_resources.LLAMA_CPP_OVERHEAD_GB),
     params:
         settings=stage_settings("evaluation"),
         llama_cpp=LLAMA_CPP_OPTION,
@@ -140,7 +150,10 @@ rule gguf_validate:
         "benchmarks/{target}/{model}/{revision}/gguf_validate_{quant}.tsv"
     conda:
         "../envs/llama-cpp.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=gguf_validate_gpus,
+        mem_mb=gguf_validate_memory,
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),

@@ -12,7 +12,9 @@ rule onnx_build:
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        mem_mb=host_memory(cpu=3, gpu=3),
     params:
         settings=stage_settings("onnx"),
         code=fingerprint.of_stage("onnx"),
@@ -60,7 +62,9 @@ rule onnx_validate:
         "benchmarks/{target}/{model}/{revision}/onnx_validate_{onnx_format}.tsv"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        mem_mb=host_memory(cpu=3, gpu=3),
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),

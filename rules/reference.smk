@@ -15,7 +15,10 @@ rule reference:
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=2, gpu=1),
     params:
         settings=stage_settings("evaluation"),
         code=fingerprint.of_stage("reference"),

@@ -16,7 +16,10 @@ rule trtllm_quantize:
     cache: "omit-software"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=ONE_GPU,
+        mem_mb=host_memory(cpu=5, gpu=2),
     params:
         settings=stage_settings("trtllm"),
         evaluation=stage_settings("evaluation"),
@@ -68,7 +71,10 @@ rule trtllm_validate:
         "benchmarks/{target}/{model}/{revision}/trtllm_validate_{trtllm_format}.tsv"
     conda:
         "../envs/deepcast.yaml"
-    threads: workflow.cores
+    threads: ALL_CORES
+    resources:
+        gpu=trtllm_validate_gpus,
+        mem_mb=host_memory(cpu=4, gpu=2),
     params:
         settings=stage_settings("evaluation"),
         gates=stage_settings("validation"),

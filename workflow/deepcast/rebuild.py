@@ -22,6 +22,7 @@ from deepcast import hub, layout
 from deepcast.errors import DeepcastError
 from deepcast.files import cache_root
 from deepcast.registry import ModelRef
+from deepcast.tools import visible_gpus
 
 COMMIT = 40  # hex digits of a full commit sha
 
@@ -57,6 +58,13 @@ def shared_work_lock(key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def gpu_limit(extra: list[str]) -> list[str]:
+    """`--resources gpu=N` for this machine's N GPUs, so jobs that each take a GPU never share one (a job
+    planned for more GPUs than the box has is given all of them); nothing where the caller set --resources."""
+    gpus = len(visible_gpus("name"))
+    return ["--resources", f"gpu={gpus}"] if gpus and "--resources" not in extra else []
+
+
 def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list[str] | None, scope: str,
         extra: list[str], record: Path | None) -> int:  # fmt: skip
     """Build `scope`: "all", "shared" (the target-independent work) or "download" (the checkpoint only)."""
@@ -64,7 +72,7 @@ def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list
     pinned = f"{model.hub_id}@{commit}" if model.hub_id else model_spec
     config = [f"target={target}", f"model={pinned}"] + ([f"formats=[{', '.join(formats)}]"] if formats else [])
     cache = ["--cache"] if os.environ.get("SNAKEMAKE_OUTPUT_CACHE") else []
-    snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", cores, *cache, *extra]
+    snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", cores, *cache, *gpu_limit(extra), *extra]
 
     def phase(*targets: str) -> int:
         command = [*snakemake, *targets, "--config", *config]

@@ -131,6 +131,7 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
     placement: str | None = None
     context: int | None = None
+    gpus: int = 0  # GPUs the placement uses
     gpu_memory_gb: float | None = None  # per GPU
     system_memory_gb: float | None = None
     decode_tokens_per_s: float | None = None  # roofline upper bound
@@ -215,6 +216,7 @@ def _place(model: PlanModel, target: Target, candidate: Candidate, size: sizes.S
             candidate.gpu_memory_gb, candidate.system_memory_gb = placed.gpu_memory_gb, placed.system_memory_gb
             candidate.placement = "; ".join(placed.notes)
             share = placed.gpu_layers / (shape.layers + 1) if target.gpu else 0.0
+            candidate.gpus = target.gpu.count if target.gpu and placed.gpu_layers else 0
             speed = _roofline(model, target, size, 1, share, placed.experts_on_cpu)
         else:
             one_device = candidate.engine in ("onnxruntime-genai", "tensorrt-edge-llm") and target.gpu is not None
@@ -228,6 +230,7 @@ def _place(model: PlanModel, target: Target, candidate: Candidate, size: sizes.S
             candidate.placement = "; ".join(placed.notes)
             if one_device and target.gpu.count > 1:
                 candidate.placement = f"one of the {target.gpu.count} GPUs ({candidate.engine} runs on one device)"
+            candidate.gpus = placed.tensor_parallel * placed.pipeline_parallel if target.gpu else 0
             speed = _roofline(model, target, size, placed.tensor_parallel)
     except DeepcastError as error:
         candidate.refuse(str(error))
