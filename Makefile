@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DEEPCAST_CACHE ?= $(HOME)/.cache/deepcast
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install tools run test lint schema clean
+.PHONY: install tools slurm run test lint schema clean
 
 install: $(STAMP) tools
 
@@ -32,7 +32,18 @@ run: install
 	$(BIN)/snakemake --cores 1 --report report.html
 	$(BIN)/deepcast report
 
-test: install
+# The cluster test's real Slurm: Debian's slurm-wlm, munge, slurmdbd and MariaDB (as root; about 2 minutes the
+# first time). tests/slurm_cluster.py starts the daemons in a temporary directory and stops them afterwards.
+SLURM_PACKAGES := slurm-wlm munge slurmdbd mariadb-server
+slurm:
+	@if ! $(BIN)/python tests/slurm_cluster.py check /tmp >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make slurm: run as root, or: sudo apt-get install $(SLURM_PACKAGES)"; exit 2; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES); }; \
+	fi
+
+test: install slurm
 	$(BIN)/pytest
 
 lint: install

@@ -42,6 +42,19 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, cores: int = 2
     )
 
 
+# Every stage runs, on fewer samples and one compressed scheme (tests/test_compress.py covers the others).
+QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}"]
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The default workflow, run once locally; the cluster test compares its artifacts with it."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = snakemake(workdir, "--config", *QUICK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
 def error_of(result: subprocess.CompletedProcess) -> str:
     """The one-line error of a failed command; fails the test on a traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

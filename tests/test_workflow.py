@@ -9,22 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENV, REPO, SNAKEMAKE, snakemake
+from conftest import ENV, QUICK, REPO, SNAKEMAKE, snakemake
 from deepcast import manifest
 
 MODEL_DIR = "results/models/tiny-deepseek-v3/v1"
-# Every stage runs, on fewer samples and one compressed scheme (tests/test_compress.py covers the others).
-QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}"]
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("run")
-    result = snakemake(workdir, "--config", *QUICK)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
 def test_default_run_leaves_every_artifact_with_its_manifest(default_run):
     for artifact in ("checkpoint", "calibration", "reference", "gguf/bf16", "gguf/Q4_K_M", "compressed/gptq-w4a16"):
         record = manifest.read(default_run / MODEL_DIR / artifact)
