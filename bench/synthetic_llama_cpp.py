@@ -638,5 +638,32 @@ def measure(
     click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.option("--shape", type=click.Path(exists=True, path_type=Path), required=True, help="A registry model file.")
+@click.option("--tokenizer-from", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--intermediate", default=8960, show_default=True, help="FFN width (Qwen-1.5B: hardware.md C.4).")
+def checkpoint(shape: Path, tokenizer_from: Path, out: Path, intermediate: int) -> None:
+    """A random-weight model of a Qwen2 registry shape's sizes that deepcast takes as a local model, as a Llama
+    without attention biases (the R1-Distill-Llama architecture). Why not Qwen2: transformers loads any
+    qwen2 model's tokenizer as Qwen2Tokenizer and rebuilds the DeepSeek-V3 tokenizer's pre-tokenizer, which
+    convert_hf_to_gguf.py then no longer recognises; a Llama reads it as it is (PreTrainedTokenizerFast), as
+    the embedded student does."""
+    entry = yaml.safe_load(shape.read_text())
+    if entry["architecture"] != "Qwen2ForCausalLM":
+        raise click.ClickException("checkpoint makes models of Qwen2 shapes only")
+    config, tensors = qwen2_layout(dict(entry["shape"]), intermediate)
+    config |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+               "head_dim": entry["shape"]["head_dim"]}  # fmt: skip
+    config.pop("use_sliding_window")
+    tensors = [(name, size) for name, size in tensors if not name.endswith(".bias")]
+    parameters = write_checkpoint(out, config, tensors, tokenizer_from)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    print(f"{parameters / 1e9:.3f} B parameters in {out}")
+
+
 if __name__ == "__main__":
     cli()
