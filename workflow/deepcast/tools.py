@@ -170,7 +170,7 @@ def extract(source: Path | None, dest: Path) -> dict:
         record = json.loads((dest / PACKED).read_text())
     except (OSError, tarfile.TarError, json.JSONDecodeError) as error:
         raise DeepcastError(
-            f"{source} is not a llama.cpp source packed by deepcast ({error}). "
+            f"{source} is not a llama.cpp source packed by deepcast ({' '.join(str(error).split())}). "
             "Fix: make it with `deepcast tools pack llama.cpp OUT.tar.xz` on a machine that reaches the registry."
         ) from None
     if (record.get("version"), record.get("sdist_sha256")) != (VERSION, SDIST_SHA256):
