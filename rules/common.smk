@@ -116,11 +116,11 @@ def gguf_base_gpus(wildcards):
 
 
 def gguf_validate_gpus(wildcards):
-    return job_resources.placed_gpus(TARGET, subject(wildcards).chosen[gguf_quant_type(wildcards)])
+    return job_resources.placed_gpus(TARGET, gguf_candidate(wildcards))
 
 
 def gguf_validate_memory(wildcards):
-    return job_resources.served_memory_mb(subject(wildcards).chosen[gguf_quant_type(wildcards)])
+    return job_resources.served_memory_mb(gguf_candidate(wildcards))
 
 
 def trtllm_validate_gpus(wildcards):
@@ -231,9 +231,14 @@ def gguf_quantize_options(wildcards, input):
     return " ".join(options)
 
 
+def gguf_candidate(wildcards):
+    """The plan's chosen candidate of a GGUF job's quant type."""
+    return subject(wildcards).chosen[gguf_quant_type(wildcards)]
+
+
 def gguf_planned_flags(wildcards):
     """llama-server flags the plan expects from the predicted GGUF size."""
-    return " ".join(subject(wildcards).chosen[gguf_quant_type(wildcards)].flags)
+    return " ".join(gguf_candidate(wildcards).flags)
 
 
 def compress_schemes(name=MODEL.name):

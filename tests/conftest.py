@@ -46,13 +46,18 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, cores: int = 2
 QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}"]
 
 
+def completed_run(tmp_path_factory, name: str, config: list[str]) -> Path:
+    """The workflow run to the end in a fresh directory with `config`."""
+    workdir = tmp_path_factory.mktemp(name)
+    result = snakemake(workdir, "--config", *config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> Path:
     """The default workflow, run once locally; the cluster test compares its artifacts with it."""
-    workdir = tmp_path_factory.mktemp("run")
-    result = snakemake(workdir, "--config", *QUICK)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return completed_run(tmp_path_factory, "run", QUICK)
 
 
 def error_of(result: subprocess.CompletedProcess) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EMBEDDED, REPO, deepcast_cli, error_of, snakemake
+from conftest import EMBEDDED, REPO, completed_run, deepcast_cli, error_of, snakemake
 from deepcast import kd, manifest
 from deepcast.config import DistillSettings
 from deepcast.stages import distill
@@ -313,10 +313,7 @@ EXAMPLE = [
 
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("distill-run")
-    result = snakemake(workdir, "--config", *EXAMPLE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return completed_run(tmp_path_factory, "distill-run", EXAMPLE)
 
 
 def student_dir(workdir: Path, name: str) -> Path:

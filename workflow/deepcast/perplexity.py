@@ -74,11 +74,15 @@ class Comparison:
         return asdict(self)
 
 
+def model_device(model) -> torch.device:
+    """Where a transformers model's weights are; the CPU for a callable without parameters (an ONNX session)."""
+    parameters = getattr(model, "parameters", None)
+    return next(parameters()).device if parameters else torch.device("cpu")
+
+
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Float logits on the CPU from a transformers model on any device, or from any callable model
     (an onnxruntime-genai session) that takes input_ids and returns an object with .logits."""
-    from deepcast.validation import model_device
-
     return model(input_ids=ids.to(model_device(model))).logits.float().cpu()
 
 

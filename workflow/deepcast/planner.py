@@ -59,6 +59,11 @@ class LlamaCppPlan:
         return {**asdict(self), "server_flags": self.server_flags()}
 
 
+def llama_cpp_gpu_gb(target: Target) -> float:
+    """What llama.cpp can put on one of the target's GPUs: the usable fraction less the runtime allowance."""
+    return target.gpu.memory_gb * USABLE_FRACTION - GPU_RUNTIME_OVERHEAD_GB
+
+
 def plan_llama_cpp(
     shape: ModelShape, target: Target, weights_gb: float, expert_share: float, context_cap: int | None = None
 ) -> LlamaCppPlan:
@@ -92,8 +97,7 @@ def plan_llama_cpp(
         )
 
     gpu = target.gpu
-    per_gpu = gpu.memory_gb * USABLE_FRACTION - GPU_RUNTIME_OVERHEAD_GB
-    vram = per_gpu * gpu.count
+    vram = llama_cpp_gpu_gb(target) * gpu.count
     split = [1.0] * gpu.count if gpu.count > 1 else []
     if gpu.interconnect == "unified":
         ram = 0.0  # one memory shared by CPU and GPU (Jetson): offloading to "system RAM" frees nothing

@@ -32,8 +32,7 @@ def gpus_holding(target: Target, weights_gb: float) -> int:
     in host memory): as many as hold the weights, at least one, at most the target's."""
     if target.gpu is None:
         return 0
-    per_gpu = target.gpu.memory_gb * planner.USABLE_FRACTION - planner.GPU_RUNTIME_OVERHEAD_GB
-    return max(1, min(target.gpu.count, ceil(weights_gb / per_gpu)))
+    return max(1, min(target.gpu.count, ceil(weights_gb / planner.llama_cpp_gpu_gb(target))))
 
 
 def placed_gpus(target: Target, candidate: Candidate) -> int:

@@ -31,14 +31,6 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def model_device(model):
-    """Where a transformers model's weights are; the CPU for a callable without parameters (an ONNX session)."""
-    import torch
-
-    parameters = getattr(model, "parameters", None)
-    return next(parameters()).device if parameters else torch.device("cpu")
-
-
 def hardware_here(target: Target) -> str | None:
     """None when this machine is the target's kind of machine; else why figures taken here would not hold."""
     if target.gpu is None:
@@ -71,14 +63,14 @@ def against_reference(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deepcast.perplexity import compare
+    from deepcast.perplexity import compare, model_device
 
     chunks = json.loads((reference_dir / "chunks.json").read_text())
     reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
     figures = {}
+    dtype = getattr(model, "dtype", torch.float32)  # the model's own: bf16 on a GPU, float32 on the CPU
     for label, source in (("base", checkpoint), ("teacher", teacher)):
         if source is not None:
-            dtype = getattr(model, "dtype", torch.float32)  # the model's own: bf16 on a GPU, float32 on the CPU
             other = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
             other = other.to(model_device(model)).eval()
             figures[label] = compare(model, other, chunks, batch_size).as_dict()
@@ -89,6 +81,28 @@ def against_reference(
     return results | ({"teacher": figures["teacher"]} if teacher is not None else {})
 
 
+def dequantized_model(artifact: Path, dense: dict):
+    """A float32 transformers model of `artifact`'s config (its quantization_config dropped) holding `dense`,
+    the checkpoint's weights dequantized by the caller, with MoE experts as per-expert Linears again:
+    transformers fuses them on load, and a quantized checkpoint carries its scales per expert Linear."""
+    import tempfile
+
+    import torch
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((artifact / "config.json").read_text())
+    config.pop("quantization_config", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        tensors = {name: tensor.contiguous() for name, tensor in dense.items()}
+        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+    linearize_moe(model)
+    return model
+
+
 def not_measured(reason: str, estimate: float | None) -> dict:
     return {"status": "not measured here", "reason": reason, "roofline_decode_tokens_per_s": estimate}
 
@@ -96,6 +110,8 @@ def not_measured(reason: str, estimate: float | None) -> dict:
 def transformers_smoke(model, tokenizer) -> dict:
     """Greedy completions of the fixed prompts, twice: non-empty, finite, identical."""
     import torch
+
+    from deepcast.perplexity import model_device
 
     runs = []
     for _ in range(2):
@@ -123,6 +139,8 @@ def transformers_speed(
     import resource
 
     import torch
+
+    from deepcast.perplexity import model_device
 
     ids = torch.randint(100, tokenizer.vocab_size - 1, (1, prompt_tokens)).to(model_device(model))
     with torch.no_grad():

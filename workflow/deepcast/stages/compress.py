@@ -452,11 +452,10 @@ def load_int8_dequantized(artifact: Path):
     weights are dequantized (weight * weight_scale, per output channel) into a float copy, and every
     quantized Linear quantizes its input per token to int8 and back, as vLLM's dynamic W8A8 does.
     """
-    import tempfile
-
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+
+    from deepcast.validation import dequantized_model
 
     tensors = {}
     for path in sorted(artifact.glob("*.safetensors")):
@@ -467,25 +466,17 @@ def load_int8_dequantized(artifact: Path):
         if name.endswith(".weight_scale"):
             continue
         if name.endswith(".weight") and tensor.dtype == torch.int8:
-            dense[name] = (tensor.float() * tensors[f"{base}.weight_scale"].float()).contiguous()
+            dense[name] = tensor.float() * tensors[f"{base}.weight_scale"].float()
             quantized.add(base)
         else:
-            dense[name] = tensor.float().contiguous() if tensor.is_floating_point() else tensor
-    config = json.loads((artifact / "config.json").read_text())
-    config.pop("quantization_config", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file(dense, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+            dense[name] = tensor.float() if tensor.is_floating_point() else tensor
+    model = dequantized_model(artifact, dense)
 
     def quantize_input(_module, inputs):
         (x,) = inputs
         scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
         return (torch.round(x / scale).clamp(-128, 127) * scale,)
 
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-
-    linearize_moe(model)  # per-expert Linears again, so expert inputs are quantized too
     hooked = {name for name, module in model.named_modules() if name in quantized}
     if hooked != quantized:
         raise DeepcastError(f"{len(quantized - hooked)} int8 layers have no module to evaluate them in, "

@@ -292,11 +292,10 @@ def load_dequantized(artifact: Path):
     """The exported checkpoint as a float transformers model computing what the engine computes: weights
     dequantized with their scales, inputs scaled by AWQ's pre_quant_scale and fake-quantized to FP8 with
     their exported input_scale."""
-    import tempfile
-
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+
+    from deepcast.validation import dequantized_model
 
     tensors = {}
     for path in sorted(artifact.glob("*.safetensors")):
@@ -317,16 +316,7 @@ def load_dequantized(artifact: Path):
             pre_scales[base] = tensors[f"{base}.pre_quant_scale"].float()
         if f"{base}.input_scale" in tensors:
             input_scales[base] = tensors[f"{base}.input_scale"].float()
-    config = json.loads((artifact / "config.json").read_text())
-    config.pop("quantization_config", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file(
-            {k: v.contiguous() for k, v in dense.items()},
-            str(Path(tmp) / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False)
+    model = dequantized_model(artifact, dense)
 
     def hook(pre_scale, input_scale):
         def quantize_input(_module, inputs):  # the scales follow the model to its device
@@ -338,9 +328,6 @@ def load_dequantized(artifact: Path):
 
         return quantize_input
 
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-
-    linearize_moe(model)  # ModelOpt exports per-expert Linears; transformers fuses them on load
     modules = dict(model.named_modules())
     missing = (set(pre_scales) | set(input_scales)) - set(modules)
     if missing:
