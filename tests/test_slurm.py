@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def on_slurm(workdir: Path, cluster: SlurmCluster, *args: str, timeout: float = 2400) -> subprocess.Popen:
+def on_slurm(workdir: Path, cluster: SlurmCluster, *args: str) -> subprocess.Popen:
     """The workflow submitted through the profile, with two threads per job (the cluster's 8 CPUs are 2 here)
     and quick status checks."""
     threads = [f"{rule}=2" for rule in yaml.safe_load((PROFILE / "profile.yaml").read_text())["set-threads"]]
@@ -52,7 +52,12 @@ def on_slurm(workdir: Path, cluster: SlurmCluster, *args: str, timeout: float = 
 
 
 def finished(process: subprocess.Popen, timeout: float = 2400) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"snakemake did not finish within {timeout:.0f} s:\n{output[-3000:]}") from None
     return process.returncode, output
 
 
@@ -123,7 +128,7 @@ def test_a_job_cancelled_with_scancel_is_rerun_by_the_next_invocation(cluster, s
                 cancelled = jobid
         time.sleep(1)
     assert cancelled, "the gguf_quantize job never ran"
-    code, output = finished(process)
+    code, output = finished(process, timeout=900)  # a missed cancellation would hang here, not pass
     assert code != 0 and "CANCELLED" in output, output[-3000:]
     local = manifest.read(default_run / MODEL_DIR / "gguf/Q4_K_M")
     # Nothing half-written at the final path: Snakemake removed it before the job, and the stage writes
