@@ -52,7 +52,7 @@ rule all:
     default_target: True
     input:
         plan=plan_file(),
-        checkpoint=checkpoint_dir(),
+        checkpoint=kept_checkpoint(),
         calibration=calibration_dir(),
         reference=reference_dir(),
         gguf=gguf_outputs(),

@@ -47,9 +47,11 @@ def render() -> str:
     rows = [
         (
             '"DeepSeek 671B Q4 runs fully on 4x 2080 Ti 22 GB" (88 GB of VRAM)',
-            f"False. {describe(r1['Q4_K_M', 'llama.cpp'])}. Even the smallest type, "
-            f"{describe(r1['IQ1_S', 'llama.cpp'])}.",
-            "A 671B model does not fit in 88 GB at any llama.cpp type. On this box: DeepSeek-V2.5 (236B), "
+            f"False. {describe(r1['Q4_K_M', 'llama.cpp'])}. The smallest types run only with most routed "
+            f"experts in system RAM: {describe(r1['IQ1_S', 'llama.cpp'])}, built on the "
+            f"{r1['IQ1_S', 'llama.cpp'].route} route ({r1['IQ1_S', 'llama.cpp'].disk_gb:,.0f} GB of disk at the peak).",
+            "A 671B model does not fit in 88 GB of VRAM at any llama.cpp type. All on the GPUs on this box: "
+            "DeepSeek-V2.5 (236B), "
             f"{describe(candidates('deepseek-v2.5', '4x2080ti')['IQ1_S', 'llama.cpp'])}; or the 70B distill, "
             f"{describe(llama70['Q4_K_M', 'llama.cpp'])}.",
         ),

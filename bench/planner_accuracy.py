@@ -3,8 +3,9 @@
     python bench/planner_accuracy.py
 
 Sizes: `sizes.gguf_size` from the shape, against each GGUF llama-quantize wrote. Memory: what the plan
-holds on the GPU for a load (weights + KV cache at the context + the per-GPU runtime allowance),
-against the peak GPU memory of llama-server's process sampled from NVML. Prints markdown tables.
+holds on the GPU for a load (the weights less `token_embd`, which llama.cpp keeps in host memory, + KV cache
+at the context + the per-GPU runtime allowance), against the peak GPU memory of llama-server's process
+sampled from NVML. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def main() -> None:
         for load in result["loads"]:
             if load["tool"] != "llama-server":
                 continue
-            weights = result["gguf"][load["model"]]["size_bytes"]
-            predicted = (weights + load["context"] * kv) / 1e9 + planner.GPU_RUNTIME_OVERHEAD_GB
+            gguf = result["gguf"][load["model"]]
+            # token_embd stays in host memory: the file less that tensor is what goes to the GPU.
+            embedding = sizes.gguf_size(arch, shape, gguf.get("type", load["model"]), gguf.get("imatrix", False),
+                                        gguf.get("overrides") or []).token_embd  # fmt: skip
+            predicted = (gguf["size_bytes"] - embedding + load["context"] * kv) / 1e9 + planner.GPU_RUNTIME_OVERHEAD_GB
             measured = load["memory"]["process_peak_mib"] * MIB / 1e9
             print(f"| {load['model']} | {load['context']:,} | {measured:.3f} | {predicted:.3f} | "
                   f"{predicted / measured - 1:+.1%} |")  # fmt: skip

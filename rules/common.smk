@@ -16,6 +16,7 @@ from deepcast import subjects as run_subjects
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 from deepcast.stages.compress import SCHEMES as COMPRESS_SCHEMES
+from deepcast.stages.gguf import BASE_TYPES as GGUF_BASE_TYPES
 from deepcast.stages.gguf import SIXTEEN_BIT
 from deepcast.stages.onnx import PRECISION as ONNX_FORMATS
 from deepcast.stages.onnx import provider_for
@@ -34,6 +35,7 @@ try:
         TARGET,
         Path(CONFIG_DIR),
         *SETTINGS.menu(),
+        **SETTINGS.preferences(),
     )
     PLAN.require_chosen()
     # The configured model first, then each distilled student and its control: every one of them is
@@ -72,7 +74,7 @@ wildcard_constraints:
         + [ref.path_revision for ref in DOWNLOADS.values()]
     ),
     target=TARGET.name,
-    dtype="bf16|f16",
+    dtype="|".join(GGUF_BASE_TYPES),
     quant="[A-Z0-9_]+(-noimat)?",
     scheme="|".join(COMPRESS_SCHEMES),
     trtllm_format="|".join(TRTLLM_FORMATS),
@@ -133,6 +135,25 @@ def model_dir(name=MODEL.name):
 
 def checkpoint_dir(name=MODEL.name):
     return f"{model_dir(name)}/checkpoint"
+
+
+# The disk-lean GGUF routes delete the download once everything that reads it has run (docs/planner.md).
+DROP_DOWNLOAD = not PLAN.gguf_route.keeps_download
+
+
+def checkpoint_output():
+    path = directory("results/models/{model}/{revision}/checkpoint")
+    return temp(path) if DROP_DOWNLOAD else path
+
+
+def kept_checkpoint(name=MODEL.name):
+    """The checkpoint as a final target, unless the plan's route deletes it."""
+    return [] if DROP_DOWNLOAD else [checkpoint_dir(name)]
+
+
+def gguf_base_dir(wildcards):
+    """The base GGUF the model's types are made from: its plan's route decides 16-bit or Q8_0."""
+    return f"{wildcard_model_dir(wildcards)}/gguf/{subject(wildcards).plan.gguf_route.base}"
 
 
 def calibration_dir(name=MODEL.name):
@@ -218,9 +239,12 @@ def gguf_artifact(wildcards):
 
 def gguf_quantize_inputs(wildcards):
     folder = wildcard_model_dir(wildcards)
-    inputs = {"base": f"{folder}/gguf/bf16", "checkpoint": f"{folder}/checkpoint"}
+    inputs = {"base": gguf_base_dir(wildcards)}
     if not wildcards.quant.endswith(NO_IMATRIX):
         inputs["imatrix"] = f"{folder}/gguf/imatrix"
+    if not subject(wildcards).plan.gguf_route.keeps_download:
+        # After the download's last reader, so that its deletion comes before any quantized file is written.
+        inputs["reference"] = f"{folder}/reference"
     return inputs
 
 
@@ -347,6 +371,7 @@ def plan_options(wildcards, input):
         options.append(f"--name {wildcards.model}")
     menu, explicit = SETTINGS.menu()
     options.append(f"{'--formats' if explicit else '--menu'} {','.join(menu)}")
+    options += [f"--{key} {value}" for key, value in SETTINGS.preferences().items()]
     return " ".join(options)
 
 
@@ -398,7 +423,7 @@ def shared_outputs():
     """The target-independent artifacts this target's plans need (computed once, cached across runs)."""
     outputs = []
     for name in SUBJECTS:
-        outputs += [checkpoint_dir(name), calibration_dir(name), reference_dir(name)]
+        outputs += kept_checkpoint(name) + [calibration_dir(name), reference_dir(name)]
         outputs += [gguf_artifact_dir(quant, name) for quant in gguf_variants(name)]
         if gguf_variants(name):
             outputs.append(f"{model_dir(name)}/gguf/kld-base")

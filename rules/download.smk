@@ -6,7 +6,7 @@ rule download:
     input:
         unpack(download_inputs),
     output:
-        checkpoint=directory("results/models/{model}/{revision}/checkpoint"),
+        checkpoint=checkpoint_output(),
     log:
         "logs/{model}/{revision}/download.log",
     # Students' checkpoints come from distill_train.

@@ -1,5 +1,5 @@
-# GGUF branch on llama.cpp's own tools. Shared per model revision: the 16-bit GGUF, the
-# importance matrix, the quantized GGUFs and the 16-bit logits for KL divergence.
+# GGUF branch on llama.cpp's own tools. Shared per model revision: the base GGUF (16-bit, or Q8_0 on
+# the disk-lean route), the importance matrix, the quantized GGUFs and the base's logits for KL divergence.
 # Per target: the llama-server bundle and its validation.
 
 
@@ -28,7 +28,7 @@ rule gguf_convert:
 
 rule gguf_imatrix:
     input:
-        base="results/models/{model}/{revision}/gguf/bf16",
+        base=gguf_base_dir,
         calibration="results/models/{model}/{revision}/calibration",
     output:
         imatrix=directory("results/models/{model}/{revision}/gguf/imatrix"),
@@ -74,14 +74,14 @@ rule gguf_quantize:
         llama_cpp=LLAMA_CPP_OPTION,
         code=fingerprint.of_stage("gguf"),
     shell:
-        "deepcast gguf quantize --base {input.base} --checkpoint {input.checkpoint}"
+        "deepcast gguf quantize --base {input.base}"
         " --type {params.qtype} {params.options} --threads {threads} --out {output.gguf}"
         " {params.llama_cpp} > {log} 2>&1"
 
 
 rule gguf_kld_base:
     input:
-        base="results/models/{model}/{revision}/gguf/bf16",
+        base=gguf_base_dir,
         evaluation_text=f"{CORPUS_DIR}/evaluation.txt",
     output:
         kld_base=directory("results/models/{model}/{revision}/gguf/kld-base"),
@@ -109,7 +109,7 @@ rule gguf_kld_base:
 rule gguf_bundle:
     input:
         artifact=gguf_artifact,
-        checkpoint="results/models/{model}/{revision}/checkpoint",
+        base=gguf_base_dir,
     output:
         bundle=directory("results/targets/{target}/{model}/{revision}/llama.cpp/{quant}/bundle"),
     log:
@@ -127,7 +127,7 @@ rule gguf_bundle:
         target=TARGET_PROFILE_DIGEST,
         code=fingerprint.of_stage("gguf"),
     shell:
-        "deepcast gguf bundle --artifact {input.artifact} --checkpoint {input.checkpoint}"
+        "deepcast gguf bundle --artifact {input.artifact} --base {input.base}"
         " --target {wildcards.target} --type {params.qtype} --split-max-size {params.split_max_size}"
         " --config-dir {params.config_dir} --expect-flags {params.planned_flags:q}"
         " --out {output.bundle} {params.llama_cpp} > {log} 2>&1"

@@ -148,7 +148,7 @@ def sequences_dir(base, checkpoint, corpus_dir, llama, tmp_path_factory) -> Path
     from deepcast.stages import gguf
 
     root = tmp_path_factory.mktemp("sequences")
-    gguf.bundle(base, checkpoint, registry.load_target(REPO / "config", "cpu"), root / "bundle", "BF16", "48G",
+    gguf.bundle(base, base, registry.load_target(REPO / "config", "cpu"), root / "bundle", "BF16", "48G",
                 "auto", llama)  # fmt: skip
     settings = small_settings(method="sequences", sequences={"prompts": 8, "prompt_tokens": 16, "max_new_tokens": 24})
     distill.sequences(EMBEDDED, corpus_dir / "train.txt", root / "sequences", settings, root / "bundle", None)

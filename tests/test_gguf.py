@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from deepcast import registry, sizes, tools
+from deepcast import manifest, registry, sizes, tools
 from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.stages import gguf
@@ -38,7 +38,7 @@ def kld_base(base, corpus_dir, llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quantized(base, imatrix, checkpoint, llama, tmp_path_factory):
+def quantized(base, imatrix, llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     made = {}
     for name, qtype, matrix in [
@@ -47,18 +47,18 @@ def quantized(base, imatrix, checkpoint, llama, tmp_path_factory):
         ("Q4_K_M-noimat", "Q4_K_M", None),
     ]:
         made[name] = root / name
-        gguf.quantize(base, made[name], qtype, matrix, [], checkpoint, 2, llama)
+        gguf.quantize(base, made[name], qtype, matrix, [], 2, llama)
     return made
 
 
 @pytest.fixture(scope="session")
-def validated(quantized, checkpoint, kld_base, reference_dir, llama, tmp_path_factory):
+def validated(quantized, base, kld_base, reference_dir, llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("validated")
     cpu = registry.load_target(CONFIG, "cpu")
     results = {}
     for name, artifact in quantized.items():
         bundle = root / name / "bundle"
-        gguf.bundle(artifact, checkpoint, cpu, bundle, name.split("-")[0], "48G", "auto", llama)
+        gguf.bundle(artifact, base, cpu, bundle, name.split("-")[0], "48G", "auto", llama)
         results[name] = gguf.validate(
             bundle,
             kld_base,
@@ -110,11 +110,11 @@ def test_predicted_sizes_and_tensor_types_match_the_files(base, quantized, llama
 
 
 def test_gate_set_impossibly_tight_fails_validation_and_writes_nothing(
-    quantized, checkpoint, kld_base, reference_dir, llama, tmp_path
+    quantized, base, kld_base, reference_dir, llama, tmp_path
 ):
     bundle = tmp_path / "bundle"
     gguf.bundle(
-        quantized["Q4_K_M"], checkpoint, registry.load_target(CONFIG, "cpu"), bundle, "Q4_K_M", "48G", "auto", llama
+        quantized["Q4_K_M"], base, registry.load_target(CONFIG, "cpu"), bundle, "Q4_K_M", "48G", "auto", llama
     )
     tight = ValidateSettings(thresholds={"*": Gate(max_perplexity_increase_percent=0.001)})
     out = tmp_path / "validation"
@@ -163,38 +163,38 @@ def test_bundle_flags_follow_the_target(model, target, qtype, expected):
     assert plan.chosen[0].flags == expected
 
 
-def test_tiny_bundle_for_four_gpus_splits_across_them(quantized, checkpoint, llama, tmp_path):
+def test_tiny_bundle_for_four_gpus_splits_across_them(quantized, base, llama, tmp_path):
     target = registry.load_target(CONFIG, "4x2080ti")
     out = tmp_path / "bundle"
-    gguf.bundle(quantized["Q4_K_M"], checkpoint, target, out, "Q4_K_M", "48G", "auto", llama)
+    gguf.bundle(quantized["Q4_K_M"], base, target, out, "Q4_K_M", "48G", "auto", llama)
     launch = (out / "launch.sh").read_text()
     assert "-ngl 5 -c 2048 -t 16 --tensor-split 1,1,1,1" in launch
     assert "sha256sum --quiet --strict -c SHA256SUMS" in launch
     assert "4x2080ti" in (out / "README.md").read_text()
 
 
-def test_truncated_gguf_is_refused(quantized, checkpoint, llama, tmp_path):
+def test_truncated_gguf_is_refused(quantized, base, llama, tmp_path):
     broken = tmp_path / "Q4_K_M"
     shutil.copytree(quantized["Q4_K_M"], broken)
     data = (broken / "model.gguf").read_bytes()
     (broken / "model.gguf").write_bytes(data[: len(data) // 2])
     target = registry.load_target(CONFIG, "cpu")
     with pytest.raises(DeepcastError, match="corrupt or truncated.*Fix: delete"):
-        gguf.bundle(broken, checkpoint, target, tmp_path / "bundle", "Q4_K_M", "48G", "auto", llama)
+        gguf.bundle(broken, base, target, tmp_path / "bundle", "Q4_K_M", "48G", "auto", llama)
     assert not (tmp_path / "bundle").exists()
     with pytest.raises(DeepcastError, match="not a readable GGUF"):
         gguf.gguf_facts(broken / "model.gguf", llama)
 
 
-def test_unknown_quant_type_is_refused(base, checkpoint, llama, tmp_path):
+def test_unknown_quant_type_is_refused(base, llama, tmp_path):
     with pytest.raises(DeepcastError, match="unknown quant type 'Q4_K_X'.*Fix: use one of .*Q4_K_M"):
-        gguf.quantize(base, tmp_path / "q", "Q4_K_X", None, [], checkpoint, 2, llama)
+        gguf.quantize(base, tmp_path / "q", "Q4_K_X", None, [], 2, llama)
     assert not (tmp_path / "q").exists()
 
 
-def test_low_bit_type_without_imatrix_is_refused(base, checkpoint, llama, tmp_path):
+def test_low_bit_type_without_imatrix_is_refused(base, llama, tmp_path):
     with pytest.raises(DeepcastError, match="IQ1_S needs an importance matrix"):
-        gguf.quantize(base, tmp_path / "q", "IQ1_S", None, [], checkpoint, 2, llama)
+        gguf.quantize(base, tmp_path / "q", "IQ1_S", None, [], 2, llama)
 
 
 def test_low_bit_types_keep_attention_and_dense_layers():
@@ -282,3 +282,30 @@ def test_a_source_packed_from_another_version_or_not_by_deepcast_is_refused(pack
     not_packed.write_text("not an archive")
     with pytest.raises(DeepcastError, match="is not a llama.cpp source packed by deepcast.*tools pack llama.cpp"):
         tools.extract(not_packed, tmp_path / "b")
+
+
+def test_the_q8_base_route_end_to_end(tmp_path):
+    """The disk-lean route on the embedded model: a Q8_0 base, the download deleted once read, Q4_K_M
+    requantized from the base with the imatrix computed on it, bundled and validated."""
+    from conftest import snakemake
+
+    config = ["formats=[Q4_K_M]", "gguf={route: q8-base}", "calibration={samples: 16}", "evaluation={max_chunks: 8}"]
+    result = snakemake(tmp_path, "--config", *config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = tmp_path / "results/models/tiny-deepseek-v3/v1"
+    assert not (models / "checkpoint").exists() and "Removing temporary output" in result.stderr
+    assert not (models / "gguf/bf16").exists()
+    base = manifest.read(models / "gguf/q8_0")
+    assert base["params"]["outtype"] == "q8_0" and (models / "gguf/q8_0" / gguf.SOURCE_CONFIG).is_file()
+    quantized = manifest.read(models / "gguf/Q4_K_M")
+    assert quantized["params"]["requantize"] and quantized["params"]["imatrix"]
+    assert manifest.read(models / "gguf/imatrix")["inputs"][gguf.MODEL] == base["files"][gguf.MODEL]["sha256"]
+    validation = json.loads(
+        (tmp_path / "results/targets/cpu/tiny-deepseek-v3/v1/llama.cpp/Q4_K_M/validation/validation.json").read_text()
+    )
+    assert validation["kld_base_type"] == "q8_0" and validation["gate"]["status"] == "passed"
+    plan = json.loads((tmp_path / "results/targets/cpu/tiny-deepseek-v3/v1/plan.json").read_text())
+    assert plan["gguf_route"]["name"] == "q8-base"
+    # A second run does nothing: the deleted download is not a reason to rebuild.
+    again = snakemake(tmp_path, "-n", "--config", *config)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

@@ -36,11 +36,11 @@ def prompts(train_text, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def bundle(base, checkpoint, llama, tmp_path_factory):
+def bundle(base, llama, tmp_path_factory):
     """bf16, not Q8_0: the GGUF closest to the bf16 checkpoint, and no quantize step to wait for."""
     root = tmp_path_factory.mktemp("sequences")
     cpu = registry.load_target(REPO / "config", "cpu")
-    gguf.bundle(base, checkpoint, cpu, root / "bundle", "BF16", "48G", "auto", llama)
+    gguf.bundle(base, base, cpu, root / "bundle", "BF16", "48G", "auto", llama)
     return root / "bundle"
 
 

@@ -129,18 +129,18 @@ def _llama(path: str | None):
 
 @gguf.command()
 @click.option("--checkpoint", type=DIR, required=True)
-@click.option("--outtype", type=click.Choice(["bf16", "f16"]), required=True)
+@click.option("--outtype", type=click.Choice(["bf16", "f16", "q8_0"]), required=True)
 @click.option("--out", type=OUT, required=True)
 @llama_cpp_option
 def convert(checkpoint: Path, outtype: str, out: Path, llama_cpp: str | None) -> None:
-    """Convert a checkpoint to a 16-bit GGUF with convert_hf_to_gguf.py."""
+    """Convert a checkpoint to a 16-bit or Q8_0 base GGUF with convert_hf_to_gguf.py."""
     from deepcast.stages import gguf as stage
 
     _report(stage.convert(checkpoint, out, outtype, _llama(llama_cpp)))
 
 
 @gguf.command()
-@click.option("--base", type=DIR, required=True, help="The 16-bit GGUF artifact.")
+@click.option("--base", type=DIR, required=True, help="The base GGUF artifact (16-bit or Q8_0).")
 @click.option("--calibration", type=DIR, required=True)
 @click.option("--context", type=int, default=512, show_default=True)
 @click.option("--out", type=OUT, required=True)
@@ -154,19 +154,18 @@ def imatrix(base: Path, calibration: Path, context: int, out: Path, threads: int
 
 
 @gguf.command()
-@click.option("--base", type=DIR, required=True, help="The 16-bit GGUF artifact.")
+@click.option("--base", type=DIR, required=True, help="The base GGUF artifact (16-bit or Q8_0).")
 @click.option("--type", "qtype", required=True, help="llama.cpp quant type, e.g. Q4_K_M.")
 @click.option("--imatrix", "imatrix_dir", type=DIR, help="The importance matrix artifact.")
 @click.option("--tensor-type", "tensor_types", multiple=True, help="regex=TYPE override (repeatable).")
-@click.option("--checkpoint", type=DIR, required=True, help="The checkpoint (for its config.json).")
 @click.option("--out", type=OUT, required=True)
 @threads_option
 @llama_cpp_option
-def quantize(base, qtype, imatrix_dir, tensor_types, checkpoint, out, threads, llama_cpp) -> None:
-    """Quantize the 16-bit GGUF with llama-quantize."""
+def quantize(base, qtype, imatrix_dir, tensor_types, out, threads, llama_cpp) -> None:
+    """Quantize the base GGUF with llama-quantize (requantizing a Q8_0 base)."""
     from deepcast.stages import gguf as stage
 
-    _report(stage.quantize(base, out, qtype, imatrix_dir, list(tensor_types), checkpoint, threads, _llama(llama_cpp)))
+    _report(stage.quantize(base, out, qtype, imatrix_dir, list(tensor_types), threads, _llama(llama_cpp)))
 
 
 @gguf.command(name="kld-base")
@@ -190,7 +189,7 @@ def kld_base(base, evaluation_text, out, raw, threads, llama_cpp) -> None:
 
 @gguf.command()
 @click.option("--artifact", type=DIR, required=True, help="The GGUF artifact to deploy.")
-@click.option("--checkpoint", type=DIR, required=True)
+@click.option("--base", type=DIR, required=True, help="The base GGUF artifact (the model's config and provenance).")
 @click.option("--target", "target_name", required=True)
 @click.option("--type", "qtype", required=True)
 @click.option("--split-max-size", default="48G", show_default=True)
@@ -198,13 +197,13 @@ def kld_base(base, evaluation_text, out, raw, threads, llama_cpp) -> None:
 @click.option("--config-dir", type=DIR, default=Path("config"), show_default=True)
 @click.option("--expect-flags", default="auto", help="The flags planned from registry figures, for the record.")
 @llama_cpp_option
-def bundle(artifact, checkpoint, target_name, qtype, split_max_size, out, config_dir, expect_flags, llama_cpp):
+def bundle(artifact, base, target_name, qtype, split_max_size, out, config_dir, expect_flags, llama_cpp):
     """A llama-server bundle for a target: GGUF, launch script, config, README, checksums."""
     from deepcast import registry
     from deepcast.stages import gguf as stage
 
     target = registry.load_target(config_dir, target_name)
-    _report(stage.bundle(artifact, checkpoint, target, out, qtype, split_max_size, expect_flags, _llama(llama_cpp)))
+    _report(stage.bundle(artifact, base, target, out, qtype, split_max_size, expect_flags, _llama(llama_cpp)))
 
 
 @gguf.command(name="validate")
@@ -456,7 +455,12 @@ def edgellm_validate(bundle_dir, fmt, out) -> None:
 @click.option("--shape-from", type=click.Path(path_type=Path), help="A downloaded checkpoint to read config.json from.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the JSON plan to this file (atomically).")
 @click.option("--name", help="The model's name in the plan (a distilled student's, whose --model is its checkpoint).")
-def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, shape_from, out, name) -> None:
+@click.option("--prefer", type=click.Choice(["quality", "speed"]), help="Rank by expected loss or by speed "
+              "(default: config's prefer, quality).")  # fmt: skip
+@click.option("--route", type=click.Choice(["auto", "plain", "drop-download", "q8-base"]),
+              help="The GGUF build route (default: config's gguf.route, auto).")  # fmt: skip
+def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, shape_from, out, name, prefer,
+                 route) -> None:  # fmt: skip
     """What fits and runs on a target, ranked, with the arithmetic; what is refused and why."""
     from deepcast.stages import plan as planning
 
@@ -464,9 +468,11 @@ def plan_command(model_spec, target_name, formats, menu, config_dir, as_json, sh
     choices, explicit = settings.menu()
     if formats or menu:
         choices, explicit = [f.strip() for f in (formats or menu).split(",") if f.strip()], bool(formats)
+    preferences = settings.preferences()
+    preferences.update({k: v for k, v in (("prefer", prefer), ("route", route)) if v})
     result = planning.make_plan(
         config_dir, model_spec or settings.model, target_name or settings.target, config_dir.resolve().parent, choices,
-        explicit, shape_from,
+        explicit, shape_from, **preferences,
     )  # fmt: skip
     if name:
         from dataclasses import replace

@@ -88,6 +88,12 @@ class GGUFSettings(Strict):
     split_max_size: str = Field(
         default="48G", description="Bundles split the GGUF with llama-gguf-split above this size."
     )
+    route: Literal["auto", "plain", "drop-download", "q8-base"] = Field(
+        default="auto",
+        description="How the GGUF types are made (docs/planner.md, routes): plain (16-bit base, download kept), "
+        "drop-download (16-bit base, download deleted once converted), q8-base (Q8_0 base, download deleted, "
+        "types requantized from it). auto: the first of these whose disk peak fits the target's free disk.",
+    )
 
 
 class CompressSettings(Strict):
@@ -325,6 +331,11 @@ class Settings(Strict):
         "edgellm-*). Default: gguf.types, compress.schemes, trtllm.formats, onnx.formats and edgellm.formats, minus "
         "what the target cannot run. A refused format named here is an error.",
     )
+    prefer: Literal["quality", "speed"] = Field(
+        default="quality",
+        description="How the plan ranks what fits: quality (lowest expected loss among plans decoding 10 tokens/s "
+        "or more) or speed (fastest among plans losing under 10 % perplexity).",
+    )
     download: DownloadSettings = DownloadSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
@@ -337,6 +348,10 @@ class Settings(Strict):
     edgellm: EdgeLlmSettings = EdgeLlmSettings()
     tools: ToolsSettings = ToolsSettings()
     distill: DistillSettings = DistillSettings()
+
+    def preferences(self) -> dict:
+        """The plan's ranking and GGUF route, as plan_for takes them."""
+        return {"prefer": self.prefer, "route": self.gguf.route}
 
     def menu(self) -> tuple[list[str], bool]:
         """The formats the plan may choose from, and whether the user named them (then a refusal is an error)."""

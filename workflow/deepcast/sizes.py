@@ -264,10 +264,12 @@ def gguf_tensor_types(
 
 @dataclass(frozen=True)
 class Size:
-    """Predicted bytes of an artifact's weights, and the routed experts' part of them."""
+    """Predicted bytes of an artifact's weights, the routed experts' part of them, and the token embedding's
+    (llama.cpp keeps `token_embd` in host memory whatever the offload: its rows are looked up on the CPU)."""
 
     total: int
     experts: int
+    token_embd: int = 0
 
     @property
     def expert_share(self) -> float:
@@ -283,12 +285,13 @@ def gguf_size(
 ) -> Size:
     """Predicted size of the GGUF file: tensor data plus tokenizer metadata."""
     types = gguf_tensor_types(architecture, shape, ftype, imatrix, overrides)
-    data = experts = 0
+    data = experts = embedding = 0
     for tensor in gguf_tensors(architecture, shape):
         size = tensor_bytes(tensor, types[tensor.name])
         data += size
         experts += size if _is_routed_expert(tensor.name) else 0
-    return Size(data + int(shape.vocab * METADATA_BYTES_PER_TOKEN) + GGUF_FIXED_BYTES, experts)
+        embedding += size if tensor.name == "token_embd.weight" else 0
+    return Size(data + int(shape.vocab * METADATA_BYTES_PER_TOKEN) + GGUF_FIXED_BYTES, experts, embedding)
 
 
 # compressed-tensors layouts per quantized Linear (out x in), as llm-compressor 0.14 saves them:

@@ -70,7 +70,7 @@ def build(settings: Settings, teacher: ModelRef, teacher_plan: planning.Plan, ta
         for name, alpha in alphas.items():
             digest = distill.student_digest(teacher.name, teacher.revision, spec, distill.run_settings(options, alpha))
             model = planning.PlanModel(name, shape_model.architecture, shape_model.shape, "bfloat16", "distill spec")
-            plan = planning.plan_for(model, target, config_dir, *settings.menu())
+            plan = planning.plan_for(model, target, config_dir, *settings.menu(), **settings.preferences())
             plan.require_chosen()
             subjects[name] = Subject(ModelRef(name, digest), plan, spec, alpha, base, method)
     return subjects

@@ -38,6 +38,11 @@ MODEL = "model.gguf"
 KLD_BASE = "base.kld"
 IMATRIX = "imatrix.gguf"
 SIXTEEN_BIT = {"BF16": "bf16", "F16": "f16"}
+# The converter's output types: the base every quant type is made from (q8_0: the disk-lean route's base).
+BASE_TYPES = ("bf16", "f16", "q8_0")
+# The checkpoint's config.json, kept beside the base: quantization and bundles read it there, so that the
+# download can be deleted once converted (docs/planner.md, routes).
+SOURCE_CONFIG = "checkpoint-config.json"
 # DeepSeek's dynamic low-bit quants keep attention and the dense layers at higher precision.
 LOW_BIT = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS"}
 
@@ -72,7 +77,8 @@ def verified_gguf(directory: Path) -> Path:
 
 
 def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
-    """Parameter count, routed-expert share and bits per weight, read with the tree's own gguf-py."""
+    """Parameter count, routed-expert share, token-embedding bytes and bits per weight, read with the tree's
+    own gguf-py."""
     sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
     try:
         from gguf import GGUFReader
@@ -83,6 +89,7 @@ def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
             raise DeepcastError(f"{path} is not a readable GGUF ({error}). Fix: rebuild it.") from None
         elements = sum(int(t.n_elements) for t in reader.tensors)
         expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+        embedding_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
         tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     finally:
         sys.path.remove(str(llama.root / "src" / "gguf-py"))
@@ -92,6 +99,7 @@ def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
         "parameters": elements,
         "bits_per_weight": round(size * 8 / elements, 4),
         "expert_share": round(expert_bytes / tensor_bytes, 4),
+        "token_embd_bytes": embedding_bytes,
     }
 
 
@@ -119,8 +127,10 @@ def converter_input(checkpoint: Path, staging: Path) -> tuple[Path, dict]:
 
 
 def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
+    """The base GGUF, 16-bit or Q8_0, with the checkpoint's config.json and provenance beside it."""
     recorder = Recorder("gguf_convert", {"outtype": outtype, "llama.cpp": llama.versions()})
     recorder.input("checkpoint_manifest", checkpoint / "manifest.json")
+    download = read(checkpoint)["results"]
     with atomic_path(out) as tmp:
         tmp.mkdir()
         source, added = converter_input(checkpoint, tmp / "checkpoint-view")
@@ -131,7 +141,13 @@ def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
         )
         if source != checkpoint:
             shutil.rmtree(source)
-        recorder.results = {**gguf_facts(tmp / MODEL, llama), "config_keys_added": added}
+        shutil.copyfile(checkpoint / "config.json", tmp / SOURCE_CONFIG)
+        recorder.results = {
+            **gguf_facts(tmp / MODEL, llama),
+            "config_keys_added": added,
+            "source": download["source"],
+            "resolved_revision": download["resolved_revision"],
+        }
         recorder.write(tmp)
     return recorder.results
 
@@ -193,26 +209,34 @@ def check_quant_request(qtype: str, with_imatrix: bool, llama: LlamaCpp) -> None
         raise DeepcastError(f"{qtype} needs an importance matrix. Fix: set gguf.imatrix: true or pick another type.")
 
 
+def source_config(base: Path) -> dict:
+    """The checkpoint's config.json as the base GGUF keeps it."""
+    return json.loads((base / SOURCE_CONFIG).read_text())
+
+
 def quantize(
     base: Path,
     out: Path,
     qtype: str,
     imatrix_dir: Path | None,
     tensor_types: list[str],
-    checkpoint: Path,
     threads: int,
     llama: LlamaCpp,
 ) -> dict:
+    """A quant type from the base; from a Q8_0 base with --allow-requantize (llama-quantize refuses a quantized
+    input without it)."""
     check_quant_request(qtype, imatrix_dir is not None, llama)
     model = verified_gguf(base)
-    dense = json.loads((checkpoint / "config.json").read_text()).get("first_k_dense_replace") or 0
+    dense = source_config(base).get("first_k_dense_replace") or 0
     overrides = tensor_types or default_tensor_types(qtype, dense)
+    requantize = read(base)["params"]["outtype"] not in SIXTEEN_BIT.values()
     recorder = Recorder(
         "gguf_quantize",
-        {"type": qtype, "imatrix": imatrix_dir is not None, "tensor_types": overrides, "llama.cpp": llama.versions()},
-    )
+        {"type": qtype, "imatrix": imatrix_dir is not None, "tensor_types": overrides, "requantize": requantize,
+         "llama.cpp": llama.versions()},
+    )  # fmt: skip
     recorder.input(MODEL, model)
-    cmd = [llama.tool("llama-quantize")]
+    cmd = [llama.tool("llama-quantize")] + (["--allow-requantize"] if requantize else [])
     if imatrix_dir is not None:
         recorder.input(IMATRIX, imatrix_dir / IMATRIX)
         cmd += ["--imatrix", imatrix_dir / IMATRIX]
@@ -229,9 +253,11 @@ def quantize(
 def kld_base(
     base: Path, evaluation_text: Path, out: Path, context: int, chunks: int, threads: int, llama: LlamaCpp
 ) -> dict:
-    """The 16-bit model's perplexity and its saved logits, the base of every KL divergence."""
+    """The base model's perplexity and its saved logits, the base of every KL divergence (on the disk-lean
+    route the base is the Q8_0 GGUF, and `base_type` says so)."""
     model = verified_gguf(base)
-    params = {"context": context, "chunks": chunks, "llama.cpp": llama.versions()}
+    params = {"context": context, "chunks": chunks, "base_type": read(base)["params"]["outtype"],
+              "llama.cpp": llama.versions()}  # fmt: skip
     recorder = Recorder("gguf_kld_base", params, backend=llama.compute_backend)
     recorder.input(MODEL, model)
     recorder.input("evaluation_text", evaluation_text)
@@ -260,10 +286,12 @@ def kld_base(
     return recorder.results
 
 
-def plan_for(artifact: Path, checkpoint: Path, target: Target, llama: LlamaCpp) -> planner.LlamaCppPlan:
+def plan_for(artifact: Path, base: Path, target: Target, llama: LlamaCpp) -> planner.LlamaCppPlan:
     facts = gguf_facts(artifact / MODEL, llama)
-    shape = shape_from_hf_config(json.loads((checkpoint / "config.json").read_text()))
-    return planner.plan_llama_cpp(shape, target, facts["size_bytes"] / planner.GB, facts["expert_share"])
+    shape = shape_from_hf_config(source_config(base))
+    return planner.plan_llama_cpp(
+        shape, target, facts["size_bytes"] / planner.GB, facts["expert_share"], facts["token_embd_bytes"] / planner.GB
+    )
 
 
 README = """# {title}
@@ -287,7 +315,7 @@ Needs llama-server from llama.cpp {version} or later on PATH, or `LLAMA_SERVER=/
 
 def bundle(
     artifact: Path,
-    checkpoint: Path,
+    base: Path,
     target: Target,
     out: Path,
     qtype: str,
@@ -297,13 +325,13 @@ def bundle(
 ) -> dict:
     """The plan is recomputed from the real GGUF; the registry-based plan is kept for comparison."""
     model = verified_gguf(artifact)
-    plan = plan_for(artifact, checkpoint, target, llama)
+    plan = plan_for(artifact, base, target, llama)
     if planned_flags not in ("auto", " ".join(plan.server_flags())):
         print(
             f"note: the real GGUF changes the planned flags {planned_flags!r} to {plan.server_flags()}", file=sys.stderr
         )
     facts = read(artifact)["results"]
-    download = read(checkpoint)
+    provenance = read(base)["results"]
     recorder = Recorder(
         "gguf_bundle",
         {
@@ -326,7 +354,7 @@ def bundle(
         else:
             link_or_copy(model, tmp / MODEL)
             first = MODEL
-        source = download["results"]["source"]
+        source = provenance["source"]
         # A hub id, or a local directory's name: no path of the building machine goes into the bundle.
         model_name = source if source.startswith("hf://") else Path(source).name
         title = f"{model_name} {qtype} on {target.name}"
@@ -343,7 +371,7 @@ def bundle(
                 title=title,
                 version=llama.stamp.get("version"),
                 model_name=model_name,
-                revision=download["results"]["resolved_revision"],
+                revision=provenance["resolved_revision"],
                 qtype=qtype,
                 bpw=facts["bits_per_weight"],
                 size_gb=facts["size_bytes"] / planner.GB,
@@ -393,6 +421,8 @@ def validate(
     results = {
         "perplexity": ppl,
         "perplexity_16bit_gguf": base_ppl,
+        # The base the KL divergence is taken against: the 16-bit GGUF, or Q8_0 on the disk-lean route.
+        "kld_base_type": read(kld_dir)["params"].get("base_type", "bf16"),
         "perplexity_reference": reference,
         "perplexity_ratio_to_16bit": round(ppl / base_ppl, 6),
         "kl_divergence": _last_float(r"Mean\s+KLD:\s+(-?[\d.]+)", output),
