@@ -4,9 +4,12 @@ the new commit's artifacts, an unmoved one (or an unchanged local source) runs n
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import EMBEDDED, REPO
@@ -18,8 +21,6 @@ ENV_PATH = {"PATH": f"{DEEPCAST.parent}:/usr/bin:/bin"}
 
 def rebuild(workdir: Path, model: str) -> subprocess.CompletedProcess:
     """Rebuild up to the download for the cpu target (the rest of the DAG hangs off the checkpoint)."""
-    import os
-
     return subprocess.run(
         [str(DEEPCAST), "rebuild", "--target", "cpu", "--model", model, "--cores", "2", "--config-dir",
          str(REPO / "config"), "--scope", "download", "-s", str(REPO / "Snakefile"), "-d", str(workdir)],
@@ -69,8 +70,6 @@ def test_a_changed_local_source_reruns_its_download(tmp_path):
 
 
 def test_two_targets_rebuilt_at_once_compute_the_shared_work_once(tmp_path):
-    import os
-
     env = {**os.environ, **ENV_PATH, "SNAKEMAKE_OUTPUT_CACHE": str(tmp_path / "cache")}
     (tmp_path / "cache").mkdir()
     runs = {}
@@ -94,3 +93,63 @@ def test_two_targets_rebuilt_at_once_compute_the_shared_work_once(tmp_path):
         assert len(computed) == 1, (artifact, computed)
         for target in runs:
             assert (tmp_path / target / "results/models/tiny-deepseek-v3/v1" / artifact / "manifest.json").is_file()
+
+
+
+def rebuild_command(workdir: Path, record: Path) -> list[str]:
+    return [str(DEEPCAST), "rebuild", "--target", "cpu", "--model", "tiny-deepseek-v3", "--cores", "1", "--config-dir",
+            str(REPO / "config"), "--scope", "download", "--record", str(record), "-s", str(REPO / "Snakefile"),
+            "-d", str(workdir)]  # fmt: skip
+
+
+def run_env() -> dict:
+    return {**os.environ, **ENV_PATH}
+
+
+def snakemake_in(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [str(DEEPCAST.with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=run_env())
+
+
+def killed_mid_download(workdir: Path, record: Path) -> None:
+    """A rebuild killed with SIGKILL (its whole process group) while Snakemake holds its lock."""
+    started = workdir / "logs/tiny-deepseek-v3/v1/download.log"  # written when the download job starts
+    started.unlink(missing_ok=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(rebuild_command(workdir, record), env=run_env(), start_new_session=True, **quiet)
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert any((workdir / ".snakemake" / "locks").glob("*")), "the rebuild never took Snakemake's lock"
+
+
+def test_after_a_kill_9_the_printed_unlock_works_and_the_rebuild_recovers_by_itself(tmp_path):
+    workdir, record = tmp_path / "run", tmp_path / "record.json"
+    killed_mid_download(workdir, record)
+    plain = snakemake_in(workdir, "--cores", "1", "results/models/tiny-deepseek-v3/v1/checkpoint")
+    assert plain.returncode != 0 and "Directory cannot be locked" in plain.stderr and "--unlock" in plain.stderr
+    # The command Snakemake's message names, as printed: it used to fail in this workflow ("Workflow requires a
+    # total number of cores to be defined") because rules took workflow.cores.
+    unlock = snakemake_in(workdir, "--unlock")
+    assert unlock.returncode == 0 and "Unlocked working directory" in unlock.stdout + unlock.stderr
+
+    killed_mid_download(workdir, record)
+    recovered = subprocess.run(rebuild_command(workdir, record), capture_output=True, text=True, env=run_env())
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    assert "stale Snakemake lock, no process holds it" in recovered.stderr
+    facts = {"model": "tiny-deepseek-v3", "target": "cpu", "status": 0, "stale_lock_recovered": True}
+    assert json.loads(record.read_text()) == facts
+    assert (workdir / "results/models/tiny-deepseek-v3/v1/checkpoint/manifest.json").is_file()
+
+
+def test_two_rebuilds_of_one_directory_at_once_run_one_after_the_other(tmp_path):
+    workdir = tmp_path / "run"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": run_env()}
+    runs = [subprocess.Popen(rebuild_command(workdir, tmp_path / f"record{i}.json"), **pipes) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in runs]
+    assert [process.returncode for process in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    waited = [err for _, err in outputs if "another rebuild is running" in err]
+    assert len(waited) == 1 and "Shell command:" not in waited[0]  # the second found the download done
+    assert (workdir / "results/models/tiny-deepseek-v3/v1/checkpoint/manifest.json").is_file()

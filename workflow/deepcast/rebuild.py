@@ -58,6 +58,65 @@ def shared_work_lock(key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def workdir_of(extra: list[str]) -> Path:
+    """The directory Snakemake will run in: its -d/--directory among `extra`, else this one."""
+    for flag in ("-d", "--directory"):
+        if flag in extra[:-1]:
+            return Path(extra[extra.index(flag) + 1]).resolve()
+    return Path.cwd().resolve()
+
+
+@contextmanager
+def workdir_lock(workdir: Path):
+    """One rebuild per work directory at a time: a second one waits for the first (and says so) instead of
+    running Snakemake beside it."""
+    path = workdir / ".snakemake" / "deepcast-rebuild.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"rebuild: another rebuild is running in {workdir}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def live_snakemake_in(workdir: Path) -> list[int]:
+    """Process ids of Snakemake runs (other than this process's children) working in `workdir`, from /proc."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = (proc / "cwd").resolve()
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if not any(Path(w).name == "snakemake" for w in words[:2]):
+            continue
+        given = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-d", "--directory")), None)
+        where = (cwd / given).resolve() if given else cwd
+        if where == workdir and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
+
+
+def recover_stale_lock(snakemake: list[str], workdir: Path, config: list[str]) -> bool:
+    """After a kill -9, Snakemake's lock stays and every later run refuses. Under the work-directory lock no
+    other rebuild runs here; when no Snakemake process works here either, the lock is stale: unlock it."""
+    locks = workdir / ".snakemake" / "locks"
+    if not locks.is_dir() or not any(locks.iterdir()):
+        return False
+    if live_snakemake_in(workdir):
+        return False  # a live run holds it; Snakemake refuses with its own message
+    command = [*snakemake, "--unlock", "--config", *config]
+    print("rebuild: stale Snakemake lock, no process holds it: $ " + " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, capture_output=True)
+    return True
+
+
 def gpu_limit(extra: list[str]) -> list[str]:
     """`--resources gpu=N` for this machine's N GPUs, so jobs that each take a GPU never share one (a job
     planned for more GPUs than the box has is given all of them); nothing where the caller set --resources."""
@@ -79,13 +138,17 @@ def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list
         print("$ " + " ".join(command), file=sys.stderr, flush=True)
         return subprocess.run(command).returncode
 
-    with shared_work_lock(f"{model.name}@{commit}"):
-        checkpoint = f"{layout.model_dir(replace(model, revision=commit))}/checkpoint"
-        status = phase(checkpoint if scope == "download" else "shared")
-    if status == 0 and scope == "all":
-        status = phase()
+    workdir = workdir_of(extra)
+    with workdir_lock(workdir):
+        recovered = recover_stale_lock(snakemake, workdir, config)
+        with shared_work_lock(f"{model.name}@{commit}"):
+            checkpoint = f"{layout.model_dir(replace(model, revision=commit))}/checkpoint"
+            status = phase(checkpoint if scope == "download" else "shared")
+        if status == 0 and scope == "all":
+            status = phase()
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"model": pinned, "target": target, "status": status}) + "\n")
+        facts = {"model": pinned, "target": target, "status": status, "stale_lock_recovered": recovered}
+        record.write_text(json.dumps(facts) + "\n")
     print(f"rebuild: {model_spec} -> {pinned} for {target}: snakemake exit {status}", file=sys.stderr)
     return status
