@@ -370,6 +370,8 @@ def test_r1_on_4x2080ti_gets_a_disk_lean_plan():
         assert sum(split) == 62
     route = result.as_dict()["gguf_route"]
     assert route["name"] == "q8-base" and route["disk_peak_gb"] <= 2000
+    cost = quality.load(CONFIG).requantize_from_q8_0  # the measured cost of the route, said in the plan
+    assert any(f"{cost.worst_kld_increase_pct:+g} % at worst" in note for note in result.notes)
     assert result.gguf_disk_peak_gb() == pytest.approx(713.3 + 684.5, abs=1)  # the download beside the base
 
 

@@ -18,9 +18,19 @@ class Anchor(Strict):
     source: str
 
 
+class RequantizeCost(Strict):
+    """What making a type from a Q8_0 base costs against making it from the 16-bit base (the disk-lean route)."""
+
+    kld_increase_pct: float = Field(description="Mean KL divergence from the 16-bit model, relative increase.")
+    worst_type: str
+    worst_kld_increase_pct: float
+    source: str
+
+
 class Losses(Strict):
     sources: dict[str, str]
     formats: dict[str, Anchor]
+    requantize_from_q8_0: RequantizeCost
 
     def expected(self, fmt: str) -> tuple[float, str]:
         """(loss in percent, where the figure comes from) for a format the planner offers."""
