@@ -48,13 +48,13 @@ localrules:
     report,
 
 
+# Every artifact, the shared ones included: a shared artifact that went missing (a cancelled job, a deleted
+# folder) is rebuilt even where the bundles made from it are up to date.
 rule all:
     default_target: True
     input:
         plan=plan_file(),
-        checkpoint=kept_checkpoint(),
-        calibration=calibration_dir(),
-        reference=reference_dir(),
+        shared=shared_outputs(),
         gguf=gguf_outputs(),
         compressed=compress_outputs(),
         engines=engine_outputs(),

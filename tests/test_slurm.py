@@ -21,13 +21,14 @@ from slurm_cluster import SlurmCluster, install_hint, missing_packages
 PROFILE = REPO / "profiles" / "slurm"
 MODEL_DIR = "results/models/tiny-deepseek-v3/v1"
 TARGET_DIR = "results/targets/h200/tiny-deepseek-v3/v1"
-# The default run's settings on a GPU target, on fewer evaluation chunks: the artifacts that do not read the
-# evaluation settings must come out the same as the local run's.
-CONFIG = [*QUICK, "target=h200", "formats=[Q4_K_M, gptq-w4a16]", "evaluation={max_chunks: 8}"]
+# The default run's settings on a GPU target: the artifacts that do not depend on the target must come out the
+# same as the local run's.
+CONFIG = [*QUICK, "target=h200", "formats=[Q4_K_M, gptq-w4a16]"]
 SHARED = ["checkpoint", "calibration", "gguf/bf16", "gguf/imatrix", "gguf/Q4_K_M", "compressed/gptq-w4a16"]
 GPU_RULES = {"reference", "compress", "vllm_validate", "gguf_imatrix", "gguf_kld_base", "gguf_validate"}
 CPU_RULES = {"calibrate", "gguf_convert", "gguf_quantize"}
 LOCAL_RULES = {"plan", "corpus", "download", "gguf_bundle", "vllm_bundle", "report"}
+CANARY = "hf_deepcastSLURMcanary0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,10 @@ def on_slurm(workdir: Path, cluster: SlurmCluster, *args: str) -> subprocess.Pop
     command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--profile", str(PROFILE),
                "--jobs", "3", "--latency-wait", "5", "--slurm-init-seconds-before-status-checks", "2",
                "--slurm-keep-successful-logs", "--set-threads", *threads, *args, "--config", *CONFIG]  # fmt: skip
-    # The cluster's client wrappers first, then the venv's bin, which the rules call deepcast from.
-    env = {**ENV, **cluster.env, "PATH": os.pathsep.join([str(cluster.bin_dir), ENV["PATH"]])}
+    # The cluster's client wrappers first, then the venv's bin, which the rules call deepcast from. A canary
+    # HF_TOKEN rides along, as the runner's secret would: no job script, log or artifact may hold it.
+    path = os.pathsep.join([str(cluster.bin_dir), ENV["PATH"]])
+    env = {**ENV, **cluster.env, "PATH": path, "HF_TOKEN": CANARY}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -103,6 +106,16 @@ def test_gpu_jobs_see_their_gpu_and_local_jobs_no_scheduler(slurm_run):
     assert cpu_job["slurm_job_id"] and "cuda_visible_devices" not in cpu_job, cpu_job
     assert manifest.read(workdir / MODEL_DIR / "checkpoint")["job"] == {}  # the download ran locally
     assert manifest.read(workdir / TARGET_DIR / "llama.cpp/Q4_K_M/bundle")["job"] == {}
+
+
+def test_the_token_reaches_no_job_script_log_or_artifact(cluster, slurm_run):
+    workdir, _, output = slurm_run
+    # The run's files and .snakemake/slurm_logs, and the cluster's own directories (after the run: slurmctld
+    # drops a job's saved script and environment when it ends).
+    places = [workdir, cluster.root]
+    holding = [p for root in places for p in root.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert holding == [] and CANARY not in output
+    assert any((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))  # the job logs were there to search
 
 
 def test_artifacts_are_byte_identical_to_the_local_run(slurm_run, default_run):
