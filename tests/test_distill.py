@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -312,8 +314,11 @@ EXAMPLE = [
 
 
 @pytest.fixture(scope="module")
-def distill_run(tmp_path_factory) -> Path:
-    return completed_run(tmp_path_factory, "distill-run", EXAMPLE)
+def distill_run(tmp_path_factory) -> Iterator[Path]:
+    """The example run, removed after this module: its two KL-divergence bases alone are 2 GB."""
+    workdir = completed_run(tmp_path_factory, "distill-run", EXAMPLE)
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def student_dir(workdir: Path, name: str) -> Path:

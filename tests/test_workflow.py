@@ -300,3 +300,19 @@ def test_a_broken_artifact_fails_validation_and_is_not_reported_as_passed(defaul
                            capture_output=True, text=True, cwd=default_run, env=ENV)  # fmt: skip
     assert shown.returncode == 1
     assert "not validated" in shown.stdout
+
+
+def test_a_token_a_run_uses_is_written_nowhere(hub, tmp_path):
+    """A canary HF_TOKEN, required by the loopback hub for the plan's config.json and the download, is sent and
+    then found in no file of the run: results, logs, benchmarks, Snakemake's metadata and logs."""
+    canary = "hf_deepcastCANARY0123456789abcdef"
+    hub.token = canary
+    model = "results/models/deepseek-test--tiny/main"
+    targets = [f"{model}/calibration", "results/targets/cpu/deepseek-test--tiny/main/plan.json"]
+    result = snakemake(tmp_path, *targets, "--config", "model=deepseek-test/tiny", "formats=[Q8_0]",
+                       "calibration={samples: 4}", env={"HF_TOKEN": canary, "HF_ENDPOINT": hub.url})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Bearer {canary}" in hub.auth_headers and canary not in result.stdout + result.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and "hub" not in path.relative_to(tmp_path).parts]
+    assert {p.relative_to(tmp_path).parts[0] for p in written} >= {"results", "logs", "benchmarks", ".snakemake"}
+    assert [p for p in written if canary.encode() in p.read_bytes()] == []
