@@ -447,3 +447,12 @@ def test_the_roofline_reads_the_kv_cache_at_token_8192():
     q8_cpu = candidate(cpu, "Q8_0", "llama.cpp")
     read = q8_cpu.weights_gb * 1e9 + min(q8_cpu.context, 8192) * kv
     assert q8_cpu.decode_tokens_per_s == pytest.approx(cpu.target.cpu_bandwidth_gbps * 1e9 / read, abs=0.05)
+
+
+def test_layers_are_split_so_that_the_fullest_gpu_holds_the_least():
+    # Four light layers (their experts in RAM) then four heavy ones, on two GPUs: an even --tensor-split 1,1
+    # gives 4 and 16; the best contiguous runs give 12 and 8 (or 8 and 12).
+    loads = [1.0] * 4 + [4.0] * 4
+    split = planner.contiguous_split(loads, 2)
+    assert split == [6, 2] and planner._gpu_loads(loads, split) == [12.0, 8.0]
+    assert planner.contiguous_split([3.0], 4) == [1, 0, 0, 0]

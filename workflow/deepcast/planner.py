@@ -186,28 +186,27 @@ def plan_llama_cpp(
     _require(False, weights_gb, vram + ram, "GPU memory plus system RAM", target)
 
 
-def contiguous_split(loads: list[float], parts: int) -> list[int] | None:
-    """Layers per GPU, in order, keeping the fullest GPU as light as contiguous runs allow (llama.cpp
-    gives each GPU a run of layers, --tensor-split's shares); None when one layer alone is too big."""
-    low, high = max(loads), sum(loads)
-    for _ in range(60):  # bisect the fullest GPU's load
-        middle = (low + high) / 2
-        counts, load = [0], 0.0
-        for layer in loads:
-            if load + layer > middle:
-                counts.append(0)
-                load = 0.0
-            counts[-1] += 1
-            load += layer
-        low, high = (middle, high) if len(counts) > parts else (low, middle)
+def _greedy_runs(loads: list[float], capacity: float) -> list[int]:
+    """Layers per GPU when each GPU takes layers in order until the next would pass `capacity`."""
     counts, load = [0], 0.0
     for layer in loads:
-        if load + layer > high:
+        if load + layer > capacity:
             counts.append(0)
             load = 0.0
         counts[-1] += 1
         load += layer
-    return counts + [0] * (parts - len(counts)) if len(counts) <= parts else None
+    return counts
+
+
+def contiguous_split(loads: list[float], parts: int) -> list[int]:
+    """Layers per GPU, in order, keeping the fullest GPU as light as contiguous runs allow (llama.cpp
+    gives each GPU a run of layers, --tensor-split's shares)."""
+    low, high = max(loads), sum(loads)  # one GPU holding everything always packs
+    for _ in range(60):  # bisect the fullest GPU's load
+        middle = (low + high) / 2
+        low, high = (middle, high) if len(_greedy_runs(loads, middle)) > parts else (low, middle)
+    counts = _greedy_runs(loads, high)
+    return counts + [0] * (parts - len(counts))
 
 
 def _some_experts_on_cpu(
@@ -241,8 +240,7 @@ def _some_experts_on_cpu(
             return [shared_layer_gb + gb + context * kv_layer for gb in experts] + [shared_layer_gb]
 
         def fits(context: int) -> bool:
-            split = contiguous_split(loads(context), gpu.count)
-            return split is not None and max(_gpu_loads(loads(context), split)) <= per_gpu
+            return max(_gpu_loads(loads(context), contiguous_split(loads(context), gpu.count))) <= per_gpu
 
         if not fits(min(MIN_CONTEXT, max_context)):
             continue
