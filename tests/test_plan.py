@@ -456,3 +456,11 @@ def test_layers_are_split_so_that_the_fullest_gpu_holds_the_least():
     split = planner.contiguous_split(loads, 2)
     assert split == [6, 2] and planner._gpu_loads(loads, split) == [12.0, 8.0]
     assert planner.contiguous_split([3.0], 4) == [1, 0, 0, 0]
+
+
+def test_r1_on_4x2080ti_with_the_ram_for_every_expert_puts_them_all_there():
+    box = registry.load_target(CONFIG, "4x2080ti").model_copy(update={"system_ram_gb": 256})
+    r1 = plan.plan_model(registry.resolve_model(CONFIG, "deepseek-r1", REPO))
+    iq1 = plan.plan_for(r1, box, CONFIG, ["IQ1_S"], True).chosen[0]
+    assert iq1.flags == ["-ngl", "62", "-c", "163840", "-t", "16", "--tensor-split", "1,1,1,1", "-ot", "exps=CPU"]
+    assert iq1.route == "q8-base" and iq1.gpu_memory_gb <= 22 * 0.92 - 0.74

@@ -365,7 +365,6 @@ class Preferences:
     losses: quality.Losses = field(default_factory=quality.load)
 
 
-PREFER = ("quality", "speed")
 # Under `prefer: speed`, plans losing more than this (expected perplexity increase, percent) rank after the
 # rest: Q3_K_M's 7.8 % passes, Q2_K's 40 % does not (config/quality.yaml).
 MAX_GOOD_LOSS_PCT = 10.0
