@@ -152,3 +152,16 @@ def hub(tmp_path, hub_env, monkeypatch):
         server.shas = shas
         server.root_dir = root
         yield server
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 30 MB tmpfs: a results directory on a disk too small for the embedded model (43 MB) or its 16-bit GGUF
+    (42 MB). `remount,size=...` makes room."""
+    if os.geteuid() != 0:
+        pytest.skip("not run here: mounting a tmpfs needs root (CI and the dev machines run the suite as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

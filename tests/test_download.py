@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,15 @@ def test_missing_tokenizer_is_refused(tmp_path):
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path):
     result = deepcast_cli("download", "--source", str(tmp_path / "absent"), "--revision", "x", "--out", "o")
     assert "local model directory" in error_of(result)
+
+
+def test_a_disk_too_small_for_the_download_is_refused_first_and_a_rerun_with_room_resumes(small_disk):
+    out = small_disk / "checkpoint"
+    result = deepcast_cli("download", "--source", str(EMBEDDED), "--revision", "v1", "--out", str(out))
+    message = error_of(result)
+    assert re.search(r"the download of .* needs 0\.04 GB \(the source's figure\), and 0\.03 GB are free", message)
+    assert "stays in" in message and not out.exists()
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)
+    again = deepcast_cli("download", "--source", str(EMBEDDED), "--revision", "v1", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "config.json").is_file() and (out / "manifest.json").is_file()

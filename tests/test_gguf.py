@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -309,3 +310,27 @@ def test_the_q8_base_route_end_to_end(tmp_path):
     # A second run does nothing: the deleted download is not a reason to rebuild.
     again = snakemake(tmp_path, "-n", "--config", *config)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_disk_too_small_is_refused_before_writing_and_a_rerun_with_room_succeeds(checkpoint, small_disk):
+    from conftest import deepcast_cli, error_of
+
+    out = small_disk / "bf16"
+    result = deepcast_cli("gguf", "convert", "--checkpoint", str(checkpoint), "--outtype", "bf16", "--out", str(out))
+    message = error_of(result)
+    assert re.search(r"bf16 needs 0\.04 GB \(the planner's figure\), and 0\.03 GB are free in .*small", message)
+    assert "Nothing was written" in message and len(message.strip().splitlines()) == 1
+    assert list(small_disk.iterdir()) == []
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)  # room made
+    again = deepcast_cli("gguf", "convert", "--checkpoint", str(checkpoint), "--outtype", "bf16", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert manifest.read(out)["files"][gguf.MODEL]["size"] == (out / gguf.MODEL).stat().st_size
+
+
+def test_a_disk_that_fills_up_while_writing_ends_in_one_message_and_leaves_nothing(small_disk):
+    from deepcast import files
+
+    full = r"the disk filled up: big needs 0\.01 GB .*are free in .*Fix: free disk"
+    with pytest.raises(DeepcastError, match=full), files.atomic_path(small_disk / "big", 10_000_000) as tmp:
+        tmp.write_bytes(bytes(40_000_000))  # more than the planner said, more than the disk holds
+    assert list(small_disk.iterdir()) == []

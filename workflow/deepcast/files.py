@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from deepcast.errors import DeepcastError
 
 CHUNK = 1 << 20
 
@@ -32,21 +35,55 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+GB = 1e9
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def disk_full(error: BaseException) -> bool:
+    """An OSError for a full disk, or a tool that failed saying so."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return "No space left on device" in str(error)
+
+
+def short_of_space(what: str, where: Path, needed_bytes: int | None, left: str, figure: str = "the planner's") -> str:
+    """One message for a disk too small: what needs how much, what is free, what was left, the fix."""
+    needs = f"needs {needed_bytes / GB:,.2f} GB ({figure} figure), and " if needed_bytes else ""
+    return (
+        f"{what} {needs}{free_bytes(where) / GB:,.2f} GB are free in {where}. {left} "
+        "Fix: free disk there (or run from a results directory on a bigger disk) and rerun."
+    )
+
+
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only on success.
 
     Works for files and directories alike. A failure leaves nothing at `final`
     and removes the temporary, so no later run can trust a half-written artifact.
+    `needed_bytes` (the planner's figure for what is written) is checked against the free space first; a
+    disk that fills up anyway ends in one message with the space needed and free, not a traceback.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     remove(tmp)
+    left = f"Nothing was written at {final}."
+    if needed_bytes and free_bytes(final.parent) < needed_bytes:
+        raise DeepcastError(short_of_space(final.name, final.parent, needed_bytes, left))
     try:
         yield tmp
         remove(final)
         os.replace(tmp, final)
+    except (OSError, DeepcastError) as error:
+        if not disk_full(error):
+            raise
+        remove(tmp)
+        message = short_of_space(final.name, final.parent, needed_bytes, left)
+        raise DeepcastError(f"the disk filled up: {message}") from None
     finally:
         remove(tmp)
 

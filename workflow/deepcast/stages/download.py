@@ -22,7 +22,7 @@ from tqdm import tqdm
 from deepcast import hub
 from deepcast.config import DownloadSettings
 from deepcast.errors import DeepcastError
-from deepcast.files import remove, sha256_file
+from deepcast.files import disk_full, free_bytes, remove, sha256_file, short_of_space
 from deepcast.manifest import Recorder
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -253,12 +253,22 @@ def run(source: str, revision: str, out: Path, settings: DownloadSettings) -> di
 
     staging = out.with_name(f".{out.name}.partial")
     staging.mkdir(parents=True, exist_ok=True)
+    missing = sum(listing[name].size for name in wanted if not (staging / name).exists())
+    kept = f"What was fetched stays in {staging} for the rerun to resume."
+    if missing > free_bytes(staging):
+        raise DeepcastError(short_of_space(f"the download of {source}", staging, missing, kept, "the source's"))
     # config.json first: refuse remote code before fetching gigabytes of weights.
     ordered = sorted(wanted, key=lambda f: (f != "config.json", f))
     for name in tqdm(ordered, desc="files", unit="file"):
         dest = staging / name
-        if not dest.exists():
-            origin.fetch(listing[name], dest)
+        try:
+            if not dest.exists():
+                origin.fetch(listing[name], dest)
+        except OSError as error:
+            if not disk_full(error):
+                raise
+            message = short_of_space(f"the download of {source}", staging, missing, kept, "the source's")
+            raise DeepcastError("the disk filled up: " + message) from None
         if name == "config.json":
             check_config(dest)
     if "config.json" not in wanted:

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deepcast import gates, planner
+from deepcast import gates, planner, sizes
 from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import (
@@ -126,12 +126,22 @@ def converter_input(checkpoint: Path, staging: Path) -> tuple[Path, dict]:
     return staging, missing
 
 
+def predicted_bytes(config: dict, ftype: str, imatrix: bool = False, overrides: list[str] | None = None) -> int | None:
+    """What the planner predicts a GGUF of this checkpoint config at `ftype` weighs (deepcast.sizes); None for a
+    type the size port does not cover."""
+    if ftype not in sizes.FTYPE_DEFAULT:
+        return None
+    architecture = (config.get("architectures") or ["?"])[0]
+    return sizes.gguf_size(architecture, shape_from_hf_config(config), ftype, imatrix, overrides).total
+
+
 def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
     """The base GGUF, 16-bit or Q8_0, with the checkpoint's config.json and provenance beside it."""
     recorder = Recorder("gguf_convert", {"outtype": outtype, "llama.cpp": llama.versions()})
     recorder.input("checkpoint_manifest", checkpoint / "manifest.json")
     download = read(checkpoint)["results"]
-    with atomic_path(out) as tmp:
+    needed = predicted_bytes(json.loads((checkpoint / "config.json").read_text()), outtype.upper())
+    with atomic_path(out, needed) as tmp:
         tmp.mkdir()
         source, added = converter_input(checkpoint, tmp / "checkpoint-view")
         run_tool(
@@ -242,7 +252,8 @@ def quantize(
         cmd += ["--imatrix", imatrix_dir / IMATRIX]
     for override in overrides:
         cmd += ["--tensor-type", override]
-    with atomic_path(out) as tmp:
+    needed = predicted_bytes(source_config(base), qtype, imatrix_dir is not None, overrides)
+    with atomic_path(out, needed) as tmp:
         tmp.mkdir()
         run_tool([*cmd, model, tmp / MODEL, qtype, threads], "llama-quantize")
         recorder.results = gguf_facts(tmp / MODEL, llama)
