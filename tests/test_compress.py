@@ -159,3 +159,15 @@ def test_layout_mismatch_is_caught(compressed, checkpoint, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(DeepcastError, match="not what vLLM expects for gptq-w4a16"):
         compress.check_layout(broken, checkpoint, compress.SCHEMES["gptq-w4a16"])
+
+
+def test_a_damaged_compressed_checkpoint_is_refused_before_bundling(compressed, tmp_path):
+    copy = tmp_path / "gptq-w4a16"
+    shutil.copytree(compressed["gptq-w4a16"], copy)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit of the packed weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DeepcastError, match=rf"gptq-w4a16 is corrupt: {weights.name} differs from its sha256"):
+        compress.bundle(copy, target("cpu"), tmp_path / "bundle", "gptq-w4a16")
+    assert not (tmp_path / "bundle").exists()

@@ -334,3 +334,20 @@ def test_a_disk_that_fills_up_while_writing_ends_in_one_message_and_leaves_nothi
     with pytest.raises(DeepcastError, match=full), files.atomic_path(small_disk / "big", 10_000_000) as tmp:
         tmp.write_bytes(bytes(40_000_000))  # more than the planner said, more than the disk holds
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_download_is_refused_before_conversion(checkpoint, llama, tmp_path, damage):
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-1000:]
+    weights.write_bytes(bytes(data))
+    expected = "differs from its sha256" if damage == "flip" else "bytes, the manifest says"
+    with pytest.raises(DeepcastError, match=rf"checkpoint is corrupt: model\.safetensors .*{expected}.*Fix: delete"):
+        gguf.convert(copy, tmp_path / "bf16", "bf16", llama)
+    assert not (tmp_path / "bf16").exists()

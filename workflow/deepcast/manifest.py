@@ -108,3 +108,37 @@ class Recorder:
 
 def read(directory: Path) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def verify(directory: Path) -> None:
+    """Every file the producer's manifest lists, present with its size and sha256, before a stage reads the
+    artifact: a truncated or flipped file is refused here, not silently converted. Files are hashed in parallel
+    (hashlib releases the GIL), so the cost is one read of the artifact at the disk's speed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepcast.errors import DeepcastError
+
+    directory = Path(directory)
+    try:
+        table = read(directory)["files"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise DeepcastError(
+            f"{directory} has no readable {MANIFEST}: it was not completed by deepcast. "
+            "Fix: delete it and rerun the stage that makes it."
+        ) from None
+
+    def problem(name: str) -> str | None:
+        path, expected = directory / name, table[name]
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} is {path.stat().st_size:,} bytes, the manifest says {expected['size']:,}"
+        return None if sha256_file(path) == expected["sha256"] else f"{name} differs from its sha256 in the manifest"
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = [p for p in pool.map(problem, sorted(table)) if p]
+    if problems:
+        raise DeepcastError(
+            f"{directory} is corrupt: {'; '.join(problems[:3])}. "
+            f"Fix: delete {directory} and rerun the rule that made it (snakemake --forcerun it)."
+        )

@@ -21,7 +21,7 @@ from deepcast import gates
 from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
-from deepcast.manifest import Recorder
+from deepcast.manifest import Recorder, verify
 from deepcast.registry import Target
 
 
@@ -185,6 +185,7 @@ def run(
 ) -> dict:
     recipe = load_recipe(recipe_path)
     scheme = check_request(scheme_name, recipe, checkpoint, target)
+    verify(checkpoint)
     architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
     if scheme_name == "awq-w4a16":
         recipe = _with_awq_mappings(recipe, architecture)
@@ -412,6 +413,7 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str, engine: 
     from deepcast.manifest import read
     from deepcast.registry import shape_from_hf_config
 
+    verify(artifact)  # the bundle's checksums are taken from these files: they must be the ones compress wrote
     shape = shape_from_hf_config(json.loads((artifact / "config.json").read_text()))
     weights_gb = sum(p.stat().st_size for p in artifact.glob("*.safetensors")) / planner.GB
     plan = planner.plan_vllm(shape, target, weights_gb, engine)

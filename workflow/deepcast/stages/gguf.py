@@ -29,7 +29,7 @@ from deepcast.files import (
     write_checksums,
     write_launch_script,
 )
-from deepcast.manifest import Recorder, read
+from deepcast.manifest import Recorder, read, verify
 from deepcast.registry import Target, shape_from_hf_config
 from deepcast.tools import LlamaCpp
 from deepcast.validation import PROMPTS, SMOKE_TOKENS, hardware_here, not_measured, roofline
@@ -139,6 +139,7 @@ def convert(checkpoint: Path, out: Path, outtype: str, llama: LlamaCpp) -> dict:
     """The base GGUF, 16-bit or Q8_0, with the checkpoint's config.json and provenance beside it."""
     recorder = Recorder("gguf_convert", {"outtype": outtype, "llama.cpp": llama.versions()})
     recorder.input("checkpoint_manifest", checkpoint / "manifest.json")
+    verify(checkpoint)
     download = read(checkpoint)["results"]
     needed = predicted_bytes(json.loads((checkpoint / "config.json").read_text()), outtype.upper())
     with atomic_path(out, needed) as tmp:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deepcast.config import EvaluationSettings
 from deepcast.errors import DeepcastError
-from deepcast.manifest import Recorder
+from deepcast.manifest import Recorder, verify
 from deepcast.perplexity import chunk_tokens, evaluate
 from deepcast.validation import pick_device
 
@@ -22,6 +22,7 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    verify(checkpoint)
     recorder = Recorder("reference", settings.model_dump())
     recorder.input("evaluation_text", evaluation_text)
     text = evaluation_text.read_text(encoding="utf-8")
