@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import EMBEDDED, REPO
 from deepcast import manifest, registry, sizes, tools
 from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
@@ -232,16 +232,22 @@ def test_no_build_names_the_install_command(tmp_path, monkeypatch):
         tools.locate()
 
 
-def test_conversion_restores_deepseek_v3_sigmoid_routing(checkpoint, llama, tmp_path):
-    stripped = tmp_path / "checkpoint"
-    shutil.copytree(checkpoint, stripped)
-    config = json.loads((stripped / "config.json").read_text())
+def test_conversion_restores_deepseek_v3_sigmoid_routing(llama, tmp_path):
+    from deepcast.config import DownloadSettings
+    from deepcast.stages import download
+
+    source = tmp_path / "saved-by-transformers"  # transformers leaves scoring_func out of the configs it saves
+    shutil.copytree(EMBEDDED, source)
+    config = json.loads((source / "config.json").read_text())
     for key in gguf.DEEPSEEK_V3_ROUTING:
         config.pop(key)
-    (stripped / "config.json").write_text(json.dumps(config))
+    (source / "config.json").write_text(json.dumps(config))
+    stripped = tmp_path / "checkpoint"
+    download.run(str(source), "v1", stripped, DownloadSettings())
     results = gguf.convert(stripped, tmp_path / "bf16", "bf16", llama)
     assert results["config_keys_added"] == gguf.DEEPSEEK_V3_ROUTING
-    assert sorted(p.name for p in (tmp_path / "bf16").iterdir()) == ["manifest.json", "model.gguf"]
+    written = sorted(p.name for p in (tmp_path / "bf16").iterdir())
+    assert written == [gguf.SOURCE_CONFIG, "manifest.json", "model.gguf"]
     sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
     from gguf import ExpertGatingFuncType, GGUFReader
 

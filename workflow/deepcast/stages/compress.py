@@ -185,10 +185,10 @@ def run(
 ) -> dict:
     recipe = load_recipe(recipe_path)
     scheme = check_request(scheme_name, recipe, checkpoint, target)
-    verify(checkpoint)
     architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
     if scheme_name == "awq-w4a16":
         recipe = _with_awq_mappings(recipe, architecture)
+    verify(checkpoint)  # after the cheap refusals, before any weight is read
 
     import torch
     from datasets import Dataset
