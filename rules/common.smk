@@ -5,12 +5,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from deepcast import config as deepcast_config
 from deepcast import fingerprint
 from deepcast import layout
 from deepcast import resources as job_resources
 from deepcast.stages import distill as distillation
-from deepcast.stages import plan as planning
 from deepcast import registry
 from deepcast import subjects as run_subjects
 from deepcast.corpus import SHAKESPEARE
@@ -26,25 +24,14 @@ from deepcast.stages.trtllm import FORMATS as TRTLLM_FORMATS
 CONFIG_DIR = str(Path(workflow.basedir) / "config")
 
 try:
-    SETTINGS = deepcast_config.load(config)
-    TARGET = registry.load_target(Path(CONFIG_DIR), SETTINGS.target)
-    MODEL = registry.resolve_model(Path(CONFIG_DIR), SETTINGS.model, Path(workflow.basedir))
-    CALIBRATION_FILE = deepcast_config.calibration_source_file(SETTINGS.calibration)
-    PLAN = planning.plan_for(
-        planning.plan_model(MODEL, Path(layout.model_dir(MODEL)) / "checkpoint"),
-        TARGET,
-        Path(CONFIG_DIR),
-        *SETTINGS.menu(),
-        **SETTINGS.preferences(),
-    )
-    PLAN.require_chosen()
-    # The configured model first, then each distilled student and its control: every one of them is
-    # taken through the same downstream rules, under its own results folder and its own plan.
-    SUBJECTS = run_subjects.build(
-        SETTINGS, MODEL, PLAN, TARGET, Path(CONFIG_DIR), Path(workflow.basedir)
-    )
+    RUN = run_subjects.prepare(config, Path(CONFIG_DIR), Path(workflow.basedir))
 except DeepcastError as error:
     raise WorkflowError(f"deepcast: {error}") from None
+SETTINGS, TARGET, MODEL, PLAN = RUN.settings, RUN.target, RUN.model, RUN.plan
+CALIBRATION_FILE = RUN.calibration_file
+# The configured model first, then each distilled student and its control: every one of them is
+# taken through the same downstream rules, under its own results folder and its own plan.
+SUBJECTS = RUN.subjects
 
 # --config passes nested values as strings ("8"); the typed settings have coerced them,
 # so the config every rule sees is the validated, typed one.

@@ -74,3 +74,37 @@ def build(settings: Settings, teacher: ModelRef, teacher_plan: planning.Plan, ta
             plan.require_chosen()
             subjects[name] = Subject(ModelRef(name, digest), plan, spec, alpha, base, method)
     return subjects
+
+
+@dataclass
+class Run:
+    """What the Snakefile decides before any job: the typed settings, the target, the model, its plan and every
+    subject. Built by `prepare`, which the workflow and the config property test both call."""
+
+    settings: Settings
+    target: Target
+    model: ModelRef
+    calibration_file: Path | None
+    plan: planning.Plan
+    subjects: dict[str, Subject]
+
+
+def prepare(config: dict, config_dir: Path, repo_root: Path) -> Run:
+    """Validate `config` and plan the run; bad input raises one DeepcastError naming what to fix."""
+    from deepcast import config as settings_module
+    from deepcast.registry import load_target
+
+    settings = settings_module.load(config)
+    target = load_target(config_dir, settings.target)
+    model = resolve_model(config_dir, settings.model, repo_root)
+    calibration_file = settings_module.calibration_source_file(settings.calibration)
+    plan = planning.plan_for(
+        planning.plan_model(model, Path(layout.model_dir(model)) / "checkpoint"),
+        target,
+        config_dir,
+        *settings.menu(),
+        **settings.preferences(),
+    )
+    plan.require_chosen()
+    subjects = build(settings, model, plan, target, config_dir, repo_root)
+    return Run(settings, target, model, calibration_file, plan, subjects)
