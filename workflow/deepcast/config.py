@@ -86,7 +86,9 @@ class GGUFSettings(Strict):
         "{IQ1_S: ['attn=Q6_K']}. Low-bit types get DeepSeek's dynamic-quant defaults when unset.",
     )
     split_max_size: str = Field(
-        default="48G", description="Bundles split the GGUF with llama-gguf-split above this size."
+        default="48G",
+        pattern=r"^[0-9]+[MG]$",
+        description="Bundles split the GGUF with llama-gguf-split above this size (llama-gguf-split's N M or N G).",
     )
     route: Literal["auto", "plain", "drop-download", "q8-base"] = Field(
         default="auto",
@@ -390,7 +392,16 @@ def calibration_source_file(settings: CalibrationSettings) -> str | None:
 def source_file(source: str, section: str) -> str | None:
     """A local text source (`<section>.source`), checked before any work; None for the corpus or a hub dataset."""
     key = f"{section}.source"
-    if source == "corpus" or source.startswith("hf-dataset://"):
+    if source.startswith("hf-dataset://"):
+        from deepcast.registry import REPO_ID, REVISION
+
+        repo_id, at, revision = source.removeprefix("hf-dataset://").partition("@")
+        if not REPO_ID.match(repo_id) or (at and not REVISION.match(revision)):
+            raise DeepcastError(
+                f"{key} {source!r} is not a hub dataset: expected hf-dataset://org/name[@revision]. Fix {key}."
+            )
+        return None
+    if source == "corpus":
         return None
     path = Path(source).expanduser()
     if not path.is_file():

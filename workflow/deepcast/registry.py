@@ -172,7 +172,7 @@ def load_target(config_dir: Path, name: str) -> Target:
     if not path.is_file():
         raise DeepcastError(
             f"unknown target {name!r}. Valid targets: {', '.join(_names(config_dir / 'targets'))}. "
-            f"To add your own box, write config/targets/{name}.yaml."
+            f"Fix: pick one of them, or describe your own box in config/targets/{name}.yaml."
         )
     target = _load_yaml(path, Target)
     if target.name != name:
@@ -200,7 +200,9 @@ def load_models(config_dir: Path) -> dict[str, ModelEntry]:
 def resolve_model(config_dir: Path, spec: str, repo_root: Path) -> ModelRef:
     """Turn `config: model` into a ModelRef, or say exactly why it cannot be one."""
     models = load_models(config_dir)
-    hub_id, _, revision = spec.partition("@")
+    hub_id, at, revision = spec.partition("@")
+    if at and not revision:
+        _check_revision(revision)  # an "@" with nothing after it is a typo, not the default revision
     for entry in models.values():
         if spec == entry.name or (entry.hub_id and hub_id.lower() == entry.hub_id.lower()):
             revision = revision or entry.revision
@@ -213,13 +215,13 @@ def resolve_model(config_dir: Path, spec: str, repo_root: Path) -> ModelRef:
         return ModelRef(local.resolve().name.lower(), "local", local_path=str(local.resolve()))
     if "/" not in hub_id:
         raise DeepcastError(
-            f"unknown model {spec!r}. Registry models: {', '.join(sorted(models))}; "
-            "or give a hub id as org/name[@revision], or a local directory."
+            f"unknown model {spec!r}. Registry models: {', '.join(sorted(models))}. "
+            "Fix: use one of them, a hub id as org/name[@revision], or a local directory."
         )
     if not REPO_ID.match(hub_id):
         raise DeepcastError(
             f"malformed model id {hub_id!r}: expected org/name with letters, digits, '-', '_' or '.' "
-            "(no '--' or '..', at most 96 characters each), for example deepseek-ai/DeepSeek-R1."
+            "(no '--' or '..', at most 96 characters each). Fix: write it as for example deepseek-ai/DeepSeek-R1."
         )
     revision = revision or "main"
     _check_revision(revision)
@@ -228,4 +230,6 @@ def resolve_model(config_dir: Path, spec: str, repo_root: Path) -> ModelRef:
 
 def _check_revision(revision: str) -> None:
     if not REVISION.match(revision):
-        raise DeepcastError(f"malformed revision {revision!r}: use a branch or tag name, or a 40-character commit sha.")
+        raise DeepcastError(
+            f"malformed revision {revision!r}. Fix: use a branch or tag name, or a 40-character commit sha."
+        )

@@ -106,5 +106,52 @@ def prepare(config: dict, config_dir: Path, repo_root: Path) -> Run:
         **settings.preferences(),
     )
     plan.require_chosen()
+    check_buildable(settings, plan)
     subjects = build(settings, model, plan, target, config_dir, repo_root)
     return Run(settings, target, model, calibration_file, plan, subjects)
+
+
+def check_buildable(settings: Settings, plan: planning.Plan) -> None:
+    """What a stage would refuse hours in, refused before any job: an importance-matrix type without the
+    imatrix, a --tensor-type override llama-quantize cannot read, a recipe or llama.cpp build that is not there."""
+    import re
+
+    from deepcast.errors import DeepcastError
+    from deepcast.planner import NEEDS_IMATRIX
+    from deepcast.sizes import GGML_BLOCK
+
+    chosen = [c.format for c in plan.chosen if c.kind == "gguf"]
+    unmatrixed = [t for t in chosen if t in NEEDS_IMATRIX and not settings.gguf.imatrix]
+    unmatrixed += [t.upper() for t in settings.gguf.controls if t.upper() in NEEDS_IMATRIX and t.upper() in chosen]
+    if unmatrixed:
+        names = sorted(set(unmatrixed))
+        raise DeepcastError(
+            f"{', '.join(names)} {'needs' if len(names) == 1 else 'need'} an importance matrix: llama-quantize "
+            "refuses it without one. Fix: set gguf.imatrix: true (and drop it from gguf.controls), or another type."
+        )
+    for qtype, overrides in settings.gguf.tensor_types.items():
+        for override in overrides:
+            pattern, _, ggml_type = override.rpartition("=")
+            reason = None
+            if not pattern:
+                reason = "there is no pattern before '='"
+            elif ggml_type.upper() not in GGML_BLOCK:
+                reason = f"{ggml_type!r} is not a ggml type the planner sizes ({', '.join(GGML_BLOCK)})"
+            else:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    reason = f"its pattern does not compile ({error})"
+            if reason:
+                raise DeepcastError(
+                    f"gguf.tensor_types.{qtype}: {override!r} is not a regex=TYPE override: {reason}. "
+                    "Fix: write it as for example attn_=Q6_K."
+                )
+    for scheme, recipe in settings.compress.recipes.items():
+        if not Path(recipe).expanduser().is_file():
+            raise DeepcastError(f"compress.recipes.{scheme}: {recipe} does not exist. Fix: give the recipe's path.")
+    if settings.tools.llama_cpp and not Path(settings.tools.llama_cpp).expanduser().is_dir():
+        raise DeepcastError(
+            f"tools.llama_cpp: {settings.tools.llama_cpp} is not a directory. "
+            "Fix: point it at a llama.cpp build (`deepcast tools install llama.cpp` makes one), or leave it unset."
+        )
