@@ -4,9 +4,10 @@ fix and writes nothing; the catalogue in the docs is the one tested."""
 from __future__ import annotations
 
 import importlib.util
+import random
 
 import pytest
-from conftest import REPO, error_of, snakemake
+from conftest import QUICK, REPO, error_of, snakemake
 
 spec = importlib.util.spec_from_file_location("bad_inputs", REPO / "bench" / "bad_inputs.py")
 catalogue = importlib.util.module_from_spec(spec)
@@ -50,3 +51,15 @@ def test_the_catalogue_in_the_docs_is_the_tested_one():
     text = (REPO / "docs" / "reliability.md").read_text()
     assert catalogue.render() in text, "run python bench/bad_inputs.py and paste it into docs/reliability.md"
     assert len(catalogue.CONFIG_CASES) + len(catalogue.COMMAND_CASES) >= 30
+
+
+@pytest.mark.parametrize("stage", ["gguf_quantize", "compress"])
+def test_a_seeded_kill_9_leaves_nothing_partial_and_the_rebuild_is_byte_identical(stage, default_run, tmp_path):
+    """bench/faults.py's trial, on the suite's default run as the reference (the table: docs/reliability.md)."""
+    spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)
+    assert faults.CONFIG == QUICK  # the reference was made with the same settings
+    moment = random.Random(f"{stage}-0").uniform(0.5, 6.0 + faults.wall_times(default_run)[stage])
+    result = faults.trial(default_run, tmp_path / "scratch", stage, moment)
+    assert result["complete_or_absent"] and result["recovered"] and result["identical"], result
