@@ -131,10 +131,14 @@ def run(model: ModelRef, model_spec: str, target: str, cores: str, formats: list
     pinned = f"{model.hub_id}@{commit}" if model.hub_id else model_spec
     config = [f"target={target}", f"model={pinned}"] + ([f"formats=[{', '.join(formats)}]"] if formats else [])
     cache = ["--cache"] if os.environ.get("SNAKEMAKE_OUTPUT_CACHE") else []
-    snakemake = [str(Path(sys.executable).with_name("snakemake")), "--cores", cores, *cache, *gpu_limit(extra), *extra]
+    executable = str(Path(sys.executable).with_name("snakemake"))
+    options = ["--cores", cores, *cache, *gpu_limit(extra), *extra]
+    snakemake = [executable, *options]
 
     def phase(*targets: str) -> int:
-        command = [*snakemake, *targets, "--config", *config]
+        # The targets first: an option that takes several values (--cache [RULE ...], the caller's
+        # --configfile A B) would swallow a target written after it.
+        command = [executable, *targets, *options, "--config", *config]
         print("$ " + " ".join(command), file=sys.stderr, flush=True)
         return subprocess.run(command).returncode
 
