@@ -13,5 +13,9 @@ def endpoint() -> str:
 
 
 def token() -> str | bool:
-    """HF_TOKEN from the environment, never from a file we write; False sends no token."""
-    return os.environ.get("HF_TOKEN") or False
+    """HF_TOKEN from the environment, else the token `hf auth login` stored for this user (huggingface_hub's
+    own file, which deepcast never writes); False sends no token. On a cluster the stored token stays off the
+    jobs' exported environment (docs/reliability.md, secrets)."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token() or False
