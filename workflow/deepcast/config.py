@@ -312,7 +312,9 @@ class DistillSettings(Strict):
     @model_validator(mode="after")
     def _fits(self):
         if self.loss_positions >= self.window:
-            raise ValueError(f"loss_positions ({self.loss_positions}) must be smaller than window ({self.window})")
+            raise ValueError(
+                f"distill.loss_positions ({self.loss_positions}) must be smaller than distill.window ({self.window})"
+            )
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique: {names}")
