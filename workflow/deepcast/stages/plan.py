@@ -205,8 +205,8 @@ def _base_gb(model: PlanModel, route: Route) -> float:
     return _weights(model, "BF16", "gguf").total / GB
 
 
-def gguf_steps(model: PlanModel, fmt: str, weights_gb: float, route: Route) -> list[tuple[str, float]]:
-    """The GGUF branch's disk writes and deletions on `route`, the download included."""
+def base_steps(model: PlanModel, route: Route) -> list[tuple[str, float]]:
+    """What every GGUF type of the model shares on `route`: the download, the base, the download's deletion."""
     download = model.checkpoint_parameters * NATIVE_BYTES[model.native_dtype] / GB
     steps = [(f"download ({model.native_dtype})", download)]
     # The pinned converter dequantizes FP8 blocks itself (conversion/base.py, quant_method fp8).
@@ -215,6 +215,12 @@ def gguf_steps(model: PlanModel, fmt: str, weights_gb: float, route: Route) -> l
     steps.append((label + source, _base_gb(model, route)))
     if not route.keeps_download:
         steps.append(("download deleted", -download))
+    return steps
+
+
+def gguf_steps(model: PlanModel, fmt: str, weights_gb: float, route: Route) -> list[tuple[str, float]]:
+    """One GGUF type's disk writes and deletions on `route`, the download included."""
+    steps = base_steps(model, route)
     if fmt not in SIXTEEN_BIT_GGUF:
         steps.append((f"{fmt} GGUF" + (" (requantized)" if route.base == "q8_0" else ""), weights_gb))
     return steps
@@ -506,7 +512,7 @@ class Plan:
         if not chosen:
             return None
         route = self.gguf_route
-        steps = gguf_steps(self.model, "BF16", 0.0, route)  # the download, the base, the deletion
+        steps = base_steps(self.model, route)
         steps += [(c.format, c.weights_gb) for c in chosen if c.format not in SIXTEEN_BIT_GGUF]
         return round(disk_peak_gb(steps), 3)
 
