@@ -23,6 +23,15 @@ def test_a_bad_config_is_refused_before_any_job_with_one_message(area, what, con
     assert fragment in message and "Fix" in message and "Traceback" not in message, message
 
 
+def test_a_recipe_for_a_scheme_the_plan_does_not_build_is_not_checked(monkeypatch):
+    """Only what the run builds is checked: a recipe left in the config for another scheme plans as before."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    unused = {"compress": {"schemes": ["gptq-w4a16"], "recipes": {"awq-w4a16": "/nonexistent.yaml"}}}
+    assert catalogue.config_message(unused) is None
+    used = {"compress": {"schemes": ["awq-w4a16"], "recipes": {"awq-w4a16": "/nonexistent.yaml"}}}
+    assert "compress.recipes.awq-w4a16: /nonexistent.yaml does not exist" in catalogue.config_message(used)
+
+
 @pytest.mark.parametrize(("area", "what", "args", "fragment", "env"), catalogue.COMMAND_CASES,
                          ids=[case[1] for case in catalogue.COMMAND_CASES])  # fmt: skip
 def test_a_bad_command_exits_2_with_one_message_and_writes_nothing(area, what, args, fragment, env, tmp_path):

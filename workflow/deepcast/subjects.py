@@ -113,7 +113,8 @@ def prepare(config: dict, config_dir: Path, repo_root: Path) -> Run:
 
 def check_buildable(settings: Settings, plan: planning.Plan) -> None:
     """What a stage would refuse hours in, refused before any job: an importance-matrix type without the
-    imatrix, a --tensor-type override llama-quantize cannot read, a recipe or llama.cpp build that is not there."""
+    imatrix, a --tensor-type override llama-quantize cannot read, a recipe the plan builds with or a llama.cpp
+    build that is not there."""
     import re
 
     from deepcast.errors import DeepcastError
@@ -147,8 +148,10 @@ def check_buildable(settings: Settings, plan: planning.Plan) -> None:
                     f"gguf.tensor_types.{qtype}: {override!r} is not a regex=TYPE override: {reason}. "
                     "Fix: write it as for example attn_=Q6_K."
                 )
+    built = [c.format for c in plan.chosen if c.kind == "compressed"]
+    built += settings.compress.controls if built else []
     for scheme, recipe in settings.compress.recipes.items():
-        if not Path(recipe).expanduser().is_file():
+        if scheme in built and not Path(recipe).expanduser().is_file():
             raise DeepcastError(f"compress.recipes.{scheme}: {recipe} does not exist. Fix: give the recipe's path.")
     if settings.tools.llama_cpp and not Path(settings.tools.llama_cpp).expanduser().is_dir():
         raise DeepcastError(
