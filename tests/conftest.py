@@ -62,6 +62,24 @@ def default_run(tmp_path_factory) -> Path:
     return completed_run(tmp_path_factory, "run", QUICK)
 
 
+def damaged_copy(checkpoint: Path, tmp_path: Path, damage: str) -> tuple[Path, str]:
+    """A copy of a downloaded checkpoint with one bit of its weights flipped or its last 1,000 bytes cut, and the
+    words `manifest.verify` refuses it with."""
+    import shutil
+
+    copy = tmp_path / "damaged-checkpoint"
+    shutil.copytree(checkpoint, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-1000:]
+    weights.write_bytes(bytes(data))
+    said = "differs from its sha256" if damage == "flip" else "bytes, the manifest says"
+    return copy, rf"damaged-checkpoint is corrupt: model\.safetensors .*{said}.*Fix: delete"
+
+
 def error_of(result: subprocess.CompletedProcess) -> str:
     """The one-line error of a failed command; fails the test on a traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -122,6 +123,19 @@ def test_fp8_run_on_an_old_target_stops_before_any_work(checkpoint, calibration,
     with pytest.raises(DeepcastError, match="fp8 is refused for target 4x2080ti: FP8 W8A8 kernels need.*Fix: choose"):
         compress.run(checkpoint, calibration, tmp_path / "c", "fp8", RECIPES / "fp8.yaml", target("4x2080ti"))
     assert not (tmp_path / "c").exists()
+
+
+def test_a_disk_too_small_is_refused_before_calibration_and_a_rerun_with_room_succeeds(checkpoint, calibration,
+                                                                                       small_disk):  # fmt: skip
+    out = small_disk / "rtn-w4a16"
+    recipe = RECIPES / "rtn-w4a16.yaml"
+    refusal = r"rtn-w4a16 needs 0\.03 GB \(the planner's figure\), and 0\.03 GB are free"
+    with pytest.raises(DeepcastError, match=refusal):
+        compress.run(checkpoint, calibration, out, "rtn-w4a16", recipe, target("cpu"))
+    assert list(small_disk.iterdir()) == []
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)  # room made
+    compress.run(checkpoint, calibration, out, "rtn-w4a16", recipe, target("cpu"))
+    assert (out / "manifest.json").is_file()
 
 
 def test_group_size_that_does_not_divide_is_refused(checkpoint, calibration, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, deepcast_cli
+from conftest import REPO, damaged_copy, deepcast_cli
 from deepcast import registry
 from deepcast.errors import DeepcastError
 from deepcast.stages import edgellm
@@ -48,6 +48,14 @@ def test_refusals(checkpoint, calibration, jetson_bundle, tmp_path):
     with pytest.raises(DeepcastError, match="Jetson targets"):
         edgellm.bundle(jetson_bundle / "export", registry.load_target(CONFIG, "h100"), tmp_path / "b", "edgellm-fp16")
     assert not (tmp_path / "e").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_checkpoint_is_refused_before_the_export(student, tmp_path, damage):
+    copy, refusal = damaged_copy(student["checkpoint"], tmp_path, damage)
+    with pytest.raises(DeepcastError, match=refusal):
+        edgellm.export(copy, student["calibration"], tmp_path / "e", "edgellm-int8")
+    assert not (tmp_path / "e").exists()
 
 
 def test_the_jetson_plan_picks_edge_llm_and_refuses_the_rest_with_reasons():

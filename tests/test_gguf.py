@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import EMBEDDED, REPO
+from conftest import EMBEDDED, REPO, damaged_copy
 from deepcast import manifest, registry, sizes, tools
 from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
@@ -344,16 +344,7 @@ def test_a_disk_that_fills_up_while_writing_ends_in_one_message_and_leaves_nothi
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_download_is_refused_before_conversion(checkpoint, llama, tmp_path, damage):
-    copy = tmp_path / "checkpoint"
-    shutil.copytree(checkpoint, copy)
-    weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 0x01
-    else:
-        del data[-1000:]
-    weights.write_bytes(bytes(data))
-    expected = "differs from its sha256" if damage == "flip" else "bytes, the manifest says"
-    with pytest.raises(DeepcastError, match=rf"checkpoint is corrupt: model\.safetensors .*{expected}.*Fix: delete"):
+    copy, refusal = damaged_copy(checkpoint, tmp_path, damage)
+    with pytest.raises(DeepcastError, match=refusal):
         gguf.convert(copy, tmp_path / "bf16", "bf16", llama)
     assert not (tmp_path / "bf16").exists()

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO, deepcast_cli
+from conftest import REPO, damaged_copy, deepcast_cli
 from deepcast import registry
 from deepcast.config import OnnxSettings
 from deepcast.errors import DeepcastError
@@ -87,6 +87,14 @@ def test_refusals(checkpoint, student, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx, "GENAI_VERSION", "0.17.0")
     with pytest.raises(DeepcastError, match="pip install onnxruntime-genai==0.17.0"):
         onnx.build(student["checkpoint"], tmp_path / "g", "onnx-int4", "cpu", OnnxSettings())
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_checkpoint_is_refused_before_the_build(student, tmp_path, damage):
+    copy, refusal = damaged_copy(student["checkpoint"], tmp_path, damage)
+    with pytest.raises(DeepcastError, match=refusal):
+        onnx.build(copy, tmp_path / "g", "onnx-int4", "cpu", OnnxSettings())
     assert not (tmp_path / "g").exists()
 
 

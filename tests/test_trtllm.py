@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, damaged_copy
 from deepcast import planner, registry
 from deepcast.config import TrtllmSettings
 from deepcast.errors import DeepcastError
@@ -211,6 +211,15 @@ def test_refusals_that_name_the_fix(checkpoint, calibration, reference_dir, stud
             "trtllm-fp8",
             STUDENT_SETTINGS,
         )
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_checkpoint_is_refused_before_quantization(student, tmp_path, damage):
+    copy, refusal = damaged_copy(student["checkpoint"], tmp_path, damage)
+    with pytest.raises(DeepcastError, match=refusal):
+        trtllm.quantize(copy, student["calibration"], student["reference"], tmp_path / "q", "trtllm-fp8",
+                        STUDENT_SETTINGS)  # fmt: skip
     assert not (tmp_path / "q").exists()
 
 

@@ -58,6 +58,14 @@ def short_of_space(what: str, where: Path, needed_bytes: int | None, left: str, 
     )
 
 
+def require_space(final: Path, needed_bytes: int | None) -> None:
+    """Refuse before any work when the planner's figure for `final` exceeds the free space where it goes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if needed_bytes and free_bytes(final.parent) < needed_bytes:
+        raise DeepcastError(short_of_space(final.name, final.parent, needed_bytes, f"Nothing was written at {final}."))
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only on success.
@@ -68,12 +76,10 @@ def atomic_path(final: Path, needed_bytes: int | None = None) -> Iterator[Path]:
     disk that fills up anyway ends in one message with the space needed and free, not a traceback.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    require_space(final, needed_bytes)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     remove(tmp)
     left = f"Nothing was written at {final}."
-    if needed_bytes and free_bytes(final.parent) < needed_bytes:
-        raise DeepcastError(short_of_space(final.name, final.parent, needed_bytes, left))
     try:
         yield tmp
         remove(final)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from deepcast import gates
+from deepcast import gates, sizes
 from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
-from deepcast.files import atomic_path
+from deepcast.files import atomic_path, require_space
 from deepcast.manifest import Recorder, verify
-from deepcast.registry import Target
+from deepcast.registry import Target, shape_from_hf_config
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,13 @@ def run(
 ) -> dict:
     recipe = load_recipe(recipe_path)
     scheme = check_request(scheme_name, recipe, checkpoint, target)
-    architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+    config = json.loads((checkpoint / "config.json").read_text())
+    architecture = config["architectures"][0]
     if scheme_name == "awq-w4a16":
         recipe = _with_awq_mappings(recipe, architecture)
     verify(checkpoint)  # after the cheap refusals, before any weight is read
+    needed = sizes.checkpoint_size(architecture, shape_from_hf_config(config), scheme_name).total
+    require_space(out, needed)  # before hours of calibration, not when saving
 
     import torch
     from datasets import Dataset
@@ -213,7 +216,7 @@ def run(
     never_routed = {name: [i for i, n in enumerate(c) if n == 0] for name, c in routes.items() if 0 in c}
     dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
     started = time.time()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, needed) as tmp:
         tmp.mkdir()
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         oneshot(

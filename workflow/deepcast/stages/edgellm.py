@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path, cache_root
-from deepcast.manifest import Recorder
+from deepcast.manifest import Recorder, verify
 from deepcast.registry import Target
 
 VERSION = "0.11.0"
@@ -92,6 +92,7 @@ def export(checkpoint: Path, calibration: Path, out: Path, fmt: str) -> dict:
     """Quantize (INT4-AWQ, INT8-SQ) with the calibration text, then export the ONNX the device builds from."""
     quantization = check_request(fmt, checkpoint)
     exporter = _tool("tensorrt-edgellm-export")
+    verify(checkpoint)  # after the cheap refusals, before the exporter reads any weight
     recorder = Recorder("edgellm_export", {"format": fmt, "quantization": quantization, "version": VERSION})
     started = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

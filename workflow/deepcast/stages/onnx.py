@@ -21,7 +21,7 @@ from deepcast import gates
 from deepcast.config import OnnxSettings, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
-from deepcast.manifest import Recorder
+from deepcast.manifest import Recorder, verify
 from deepcast.registry import Target
 
 GENAI_VERSION = "0.18.0"  # requirements.lock; the builder's options and graph layout change between releases
@@ -75,6 +75,7 @@ def check_request(fmt: str, provider: str, checkpoint: Path) -> str:
 def build(checkpoint: Path, out: Path, fmt: str, provider: str, settings: OnnxSettings) -> dict:
     """Run the pinned model builder into a temporary directory, then move the graph into place."""
     precision = check_request(fmt, provider, checkpoint)
+    verify(checkpoint)  # after the cheap refusals, before the builder reads any weight
     options = ["hf_remote=false", "hf_token=false"]
     if precision == "int4":
         options += [f"algo_config={settings.int4_algorithm}", f"block_size={settings.int4_block_size}"]

@@ -23,7 +23,7 @@ from deepcast import gates
 from deepcast.config import TrtllmSettings, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
-from deepcast.manifest import Recorder
+from deepcast.manifest import Recorder, verify
 from deepcast.registry import Target
 from deepcast.validation import pick_device
 
@@ -143,6 +143,7 @@ def quantize(
     then export_hf_checkpoint into `out` (all or nothing)."""
     device = pick_device(device)
     fmt = check_request(fmt_name, checkpoint, settings.awq_block_size, target, device)
+    verify(checkpoint)  # after the cheap refusals, before any weight is read
 
     import copy
 
