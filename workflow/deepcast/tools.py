@@ -33,6 +33,38 @@ STAMP = "build.json"
 ENV_OVERRIDE = "DEEPCAST_LLAMA_CPP"
 
 
+def own_environment(venv: Path, packages: list[str], log=print, remove: list[str] = ()) -> Path:
+    """A tool's own virtual environment in the cache, for a tool whose pins conflict with deepcast's. A venv's
+    scripts name their interpreter by path, so it is built in place and marked complete by a stamp; torch goes
+    first and alone, so its pin takes the CPU build on disk where one exists. `remove`: what the packages pull in
+    that breaks the environment and the tool never imports."""
+    stamp = venv / "installed.json"
+    if stamp.is_file():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)  # an interrupted install
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    log(f"installing {', '.join(packages)} into {venv}")
+    torch = [p for p in packages if p.startswith("torch==")]
+    if torch:
+        subprocess.run([*pip, *torch], check=True)
+    subprocess.run([*pip, *(p for p in packages if p not in torch)], check=True)
+    if remove:
+        python = str(venv / "bin" / "python")
+        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", *remove], check=True)
+    stamp.write_text(json.dumps({"packages": packages, "removed": list(remove)}) + "\n")
+    return venv
+
+
+def environment_tool(venv: Path, name: str, install_command: str) -> Path:
+    """A console script of an environment `own_environment` completed, or the message that says how to get it."""
+    path = venv / "bin" / name
+    if not (venv / "installed.json").is_file() or not path.is_file():
+        raise DeepcastError(f"{path} is missing: its environment is not installed. Fix: `{install_command}` "
+                            "(make tools does it).")  # fmt: skip
+    return path
+
+
 def visible_gpus(field: str) -> list[str]:
     """One `nvidia-smi --query-gpu` field per visible GPU (name, compute_cap, ...); [] without a GPU."""
     if not shutil.which("nvidia-smi"):

@@ -30,7 +30,6 @@ QUANTIZATION = {"edgellm-fp16": None, "edgellm-int8": "int8_sq", "edgellm-int4":
 ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 JETPACK = "7.2"  # Orin's official JetPack for Edge-LLM 0.11 (CUDA 13.2)
 CALIBRATION_SAMPLES = 16
-STAMP = "installed.json"
 
 
 def environment() -> Path:
@@ -38,31 +37,16 @@ def environment() -> Path:
 
 
 def install(log=print) -> Path:
-    """The exporter's own virtual environment in the cache (its pins conflict with deepcast's). A venv's
-    scripts name their interpreter by path, so it is built in place and marked complete by a stamp."""
-    import shutil
+    """The exporter's own virtual environment in the cache (its pins conflict with deepcast's)."""
+    from deepcast.tools import own_environment
 
-    venv = environment()
-    if (venv / STAMP).is_file():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)  # an interrupted install
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    log(f"installing tensorrt-edgellm {VERSION} into {venv}")
-    subprocess.run([*pip, PACKAGES[0]], check=True)  # torch first: the pin takes the CPU build on disk
-    subprocess.run([*pip, *PACKAGES[1:]], check=True)
-    (venv / STAMP).write_text(json.dumps({"packages": PACKAGES}) + "\n")
-    return venv
+    return own_environment(environment(), PACKAGES, log)
 
 
 def _tool(name: str) -> Path:
-    path = environment() / "bin" / name
-    if not (environment() / STAMP).is_file() or not path.is_file():
-        raise DeepcastError(
-            f"tensorrt-edgellm {VERSION} is not installed ({path} is missing). "
-            "Fix: `deepcast tools install edgellm` (make tools does it)."
-        )
-    return path
+    from deepcast.tools import environment_tool
+
+    return environment_tool(environment(), name, "deepcast tools install edgellm")
 
 
 def check_request(fmt: str, checkpoint: Path) -> str | None:

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from deepcast.files import (
 )
 from deepcast.manifest import Recorder, read, verify
 from deepcast.registry import Target, shape_from_hf_config
+from deepcast.serving import free_port, healthy
 from deepcast.tools import LlamaCpp
 from deepcast.validation import PROMPTS, SMOKE_TOKENS, hardware_here, not_measured, roofline
 
@@ -474,7 +474,7 @@ def kl_divergence(model: Path, base: Path, context: int, chunks: int, threads: i
 
 def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
     """Start the bundle's launch script on loopback, ask for one completion, stop it cleanly."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LLAMA_SERVER": str(llama.tool("llama-server"))}
     log = open(bundle_dir.parent / f".{bundle_dir.name}.server.log", "w")  # noqa: SIM115
     process = subprocess.Popen(
@@ -487,7 +487,7 @@ def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
-        while not _healthy(url):
+        while not healthy(url):
             if process.poll() is not None:
                 raise DeepcastError(
                     f"llama-server exited with {process.returncode} before it was ready; see {log.name}"
@@ -548,20 +548,6 @@ def speed(bundle_dir: Path, llama: LlamaCpp, threads: int, target: Target | None
         "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, 3),
         "roofline_decode_tokens_per_s": estimate,
     }
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bytes(size: str) -> int:
