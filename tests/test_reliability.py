@@ -69,6 +69,6 @@ def test_a_seeded_kill_9_leaves_nothing_partial_and_the_rebuild_is_byte_identica
     faults = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(faults)
     assert faults.CONFIG == QUICK  # the reference was made with the same settings
-    moment = random.Random(f"{stage}-0").uniform(0.5, 6.0 + faults.wall_times(default_run)[stage])
+    moment = random.Random(f"{stage}-0").uniform(0.5, 6.0 + faults.wall_time(default_run, stage))
     result = faults.trial(default_run, tmp_path / "scratch", stage, moment)
     assert result["complete_or_absent"] and result["recovered"] and result["identical"], result
