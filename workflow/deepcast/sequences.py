@@ -73,8 +73,8 @@ def generate_with_bundle(
     _check_request(prompts, max_new_tokens)
     if top_k_probs < 0:
         raise DeepcastError(f"top_k_probs is {top_k_probs}. Fix: use 0 (no soft labels) or a positive k.")
-    with serving(bundle_dir, {"LLAMA_SERVER": str(llama.tool("llama-server"))}, timeout, "llama.cpp") as url:
-        return [_completion_record(url, prompt, max_new_tokens, seed, top_k_probs) for prompt in prompts]
+    with serving(bundle_dir, {"LLAMA_SERVER": str(llama.tool("llama-server"))}, timeout, "llama.cpp") as server:
+        return [_completion_record(server.url, prompt, max_new_tokens, seed, top_k_probs) for prompt in prompts]
 
 
 def generate_with_transformers(checkpoint: Path, prompts: list[str], max_new_tokens: int, seed: int) -> list[dict]:

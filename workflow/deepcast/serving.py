@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from deepcast.errors import DeepcastError
@@ -62,8 +63,17 @@ def healthy(url: str) -> bool:
         return False
 
 
+@dataclass
+class Served:
+    """A running bundle server: where it answers, how long it took to be ready, and (after the block) its exit."""
+
+    url: str
+    ready_s: float = 0.0
+    exit_code: int | None = None
+
+
 @contextlib.contextmanager
-def serving(bundle_dir: Path, env: dict[str, str], timeout: float, what: str) -> Iterator[str]:
+def serving(bundle_dir: Path, env: dict[str, str], timeout: float, what: str) -> Iterator[Served]:
     """The bundle's server on a free loopback port until the block ends; its process group is stopped on any exit.
     `env` is added to this process's environment; `what` names the bundle kind in messages."""
     launch = bundle_dir / "launch.sh"
@@ -78,10 +88,10 @@ def serving(bundle_dir: Path, env: dict[str, str], timeout: float, what: str) ->
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        url = f"http://127.0.0.1:{port}"
+        served = Served(f"http://127.0.0.1:{port}")
         try:
             started = time.monotonic()
-            while not healthy(url):
+            while not healthy(served.url):
                 if process.poll() is not None:
                     raise DeepcastError(
                         f"the server of bundle {bundle_dir} exited with {process.returncode} before it was ready:\n"
@@ -93,7 +103,8 @@ def serving(bundle_dir: Path, env: dict[str, str], timeout: float, what: str) ->
                         "Fix: see the log above; a large model may need a longer timeout."
                     )
                 time.sleep(0.5)
-            yield url
+            served.ready_s = round(time.monotonic() - started, 2)
+            yield served
         except OSError as error:  # urllib's errors, a refused connection or a timed-out answer
             detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else ""
             raise DeepcastError(
@@ -101,7 +112,7 @@ def serving(bundle_dir: Path, env: dict[str, str], timeout: float, what: str) ->
                 "Fix: see the server's answer and log above."
             ) from None
         finally:
-            stop(process, what)
+            served.exit_code = stop(process, what)
 
 
 def stop(process: subprocess.Popen, what: str) -> int:

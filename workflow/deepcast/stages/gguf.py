@@ -7,13 +7,10 @@ Shared per model revision: the 16-bit GGUF, the importance matrix, every quantiz
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from deepcast.files import (
 )
 from deepcast.manifest import Recorder, read, verify
 from deepcast.registry import Target, shape_from_hf_config
-from deepcast.serving import free_port, healthy
+from deepcast.serving import serving
 from deepcast.tools import LlamaCpp
 from deepcast.validation import PROMPTS, SMOKE_TOKENS, hardware_here, not_measured, roofline
 
@@ -473,45 +470,16 @@ def kl_divergence(model: Path, base: Path, context: int, chunks: int, threads: i
 
 
 def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
-    """Start the bundle's launch script on loopback, ask for one completion, stop it cleanly."""
-    port = free_port()
-    env = {**os.environ, "LLAMA_SERVER": str(llama.tool("llama-server"))}
-    log = open(bundle_dir.parent / f".{bundle_dir.name}.server.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(
-        [bundle_dir / "launch.sh", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        while not healthy(url):
-            if process.poll() is not None:
-                raise DeepcastError(
-                    f"llama-server exited with {process.returncode} before it was ready; see {log.name}"
-                )
-            if time.monotonic() - started > timeout:
-                raise DeepcastError(f"llama-server was not ready within {timeout:.0f} s; see {log.name}")
-            time.sleep(0.5)
-        ready_s = time.monotonic() - started
-        runs = [[_complete(url, prompt) for prompt in PROMPTS] for _ in range(2)]
+    """Start the bundle's launch script on loopback, ask for the fixed completions twice, stop it cleanly."""
+    with serving(bundle_dir, {"LLAMA_SERVER": str(llama.tool("llama-server"))}, timeout, "llama.cpp") as server:
+        runs = [[_complete(server.url, prompt) for prompt in PROMPTS] for _ in range(2)]
         if any(not text.strip() for text in runs[0]):
             raise DeepcastError(f"llama-server answered an empty completion: {runs[0]}")
         if runs[0] != runs[1]:
             raise DeepcastError(f"greedy completions are not deterministic: {runs[0]} then {runs[1]}")
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            code = process.wait()
-        log.close()
-    if code != 0:
-        raise DeepcastError(f"llama-server did not stop cleanly (exit {code}); see {log.name}")
-    return {"ready_s": round(ready_s, 2), "completions": runs[0], "deterministic": True, "exit_code": code}
+    if server.exit_code != 0:
+        raise DeepcastError(f"llama-server did not stop cleanly (exit {server.exit_code}).")
+    return {"ready_s": server.ready_s, "completions": runs[0], "deterministic": True, "exit_code": server.exit_code}
 
 
 def _complete(url: str, prompt: str) -> str:
