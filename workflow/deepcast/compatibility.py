@@ -23,6 +23,7 @@ class Requirement(Strict):
     attention_head_sizes: list[int] | None = None  # a non-MLA model's head_dim is one of these
     no_routed_experts: bool = False  # a dense model (MoE experts have no kernel)
     linear_multiple: int | None = None  # every dense linear's input and output size is a multiple of this
+    cpu_features: list[str] | None = None  # a CPU-only target's CPU has these instruction-set flags
 
 
 def _shape_satisfies(need: Requirement, shape: ModelShape) -> bool:
@@ -63,6 +64,7 @@ class Rule(Strict):
             or (need.architectures and architecture not in need.architectures)
             or (need.interconnect and (gpu is None or gpu.interconnect != need.interconnect))
             or (need.not_interconnect and gpu is not None and gpu.interconnect == need.not_interconnect)
+            or (need.cpu_features and gpu is None and not set(need.cpu_features) <= set(target.cpu_features))
         )
 
 
@@ -77,8 +79,9 @@ class Rules(Strict):
         notes = []
         for rule in self.rules:
             if rule.applies(engine, fmt) and not rule.satisfied(target, architecture, shape):
-                capability = target.gpu.compute_capability if target.gpu else None
-                text = f"{rule.reason} (target: {f'compute capability {capability}' if capability else 'no GPU'}; "
+                cpu = f"no GPU, {' '.join(target.cpu_features)}"
+                hardware = f"compute capability {target.gpu.compute_capability}" if target.gpu else cpu
+                text = f"{rule.reason} (target: {hardware}; "
                 text += f"source: {rule.source})"
                 if not rule.note:
                     return text, notes

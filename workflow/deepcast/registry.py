@@ -46,6 +46,9 @@ class Target(Strict):
     cpu_cores: PositiveInt
     cpu_bandwidth_gbps: PositiveFloat
     free_disk_gb: PositiveFloat
+    # The instruction-set flags (as /proc/cpuinfo names them) the target's CPU is assumed to have: what an
+    # engine's CPU kernels need is checked against these, and figures are taken here only on such a CPU.
+    cpu_features: list[str] = Field(default_factory=lambda: ["avx2"])
 
 
 class ModelShape(Strict):
