@@ -11,6 +11,7 @@ from deepcast import resources as job_resources
 from deepcast.stages import distill as distillation
 from deepcast import registry
 from deepcast import subjects as run_subjects
+from deepcast import tasks as lm_eval_tasks
 from deepcast.corpus import SHAKESPEARE
 from deepcast.errors import DeepcastError
 from deepcast.stages.compress import SCHEMES as COMPRESS_SCHEMES
@@ -35,7 +36,7 @@ SUBJECTS = RUN.subjects
 
 # --config passes nested values as strings ("8"); the typed settings have coerced them,
 # so the config every rule sees is the validated, typed one.
-config.update(SETTINGS.model_dump(by_alias=True))
+config.update(SETTINGS.model_dump(mode="json", by_alias=True))
 # The typed settings have filled every default already.
 validate(config, "../workflow/schemas/config.schema.json", set_default=False)
 
@@ -192,6 +193,16 @@ def stage_settings(section):
     the plan's menu, not how one artifact is made: left out, so adding a format reruns nothing built.
     """
     return getattr(SETTINGS, section).model_dump_json(exclude={"formats"})
+
+
+def task_settings():
+    """The validate settings the 16-bit model's task scores depend on, as the JSON `deepcast reference --tasks`
+    takes: the gate's thresholds are left out, so changing them reruns no reference."""
+    return SETTINGS.validation.model_dump_json(include=lm_eval_tasks.FIELDS)
+
+
+def task_data_files():
+    return [str(path) for path in SETTINGS.validation.task_data.values()]
 
 
 def gguf_variants(name=MODEL.name):

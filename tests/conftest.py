@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 from deepcast import tools
-from deepcast.config import CalibrationSettings, DownloadSettings, EvaluationSettings
+from deepcast.config import CalibrationSettings, DownloadSettings, EvaluationSettings, ValidateSettings
 from deepcast.stages import calibrate, corpus, download, gguf, reference
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "workflow" / "deepcast" / "embedded" / "tiny-deepseek-v3"
 EMBEDDED_STUDENT = EMBEDDED.parent / "tiny-llama-student"  # the dense (Llama) student of the distillation
+# Items written for the tests in each task's upstream format (tests/fixtures/tasks/README.md): not benchmark data.
+TASK_DATA = {path.stem: path for path in sorted((REPO / "tests" / "fixtures" / "tasks").glob("*.jsonl"))}
+LOG_LIKELIHOOD_TASKS = ["hellaswag", "piqa", "winogrande", "arc_easy"]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hubserver import HubServer, create_repo  # noqa: E402
@@ -124,6 +127,22 @@ def student(corpus_dir, tmp_path_factory) -> dict[str, Path]:
     checkpoint = root / "checkpoint"
     calibrate.run(checkpoint, corpus_dir / "calibration.txt", root / "calibration", CalibrationSettings(samples=16))
     reference.run(checkpoint, corpus_dir / "evaluation.txt", root / "reference", EvaluationSettings(max_chunks=8))
+    return {"checkpoint": root / "checkpoint", "calibration": root / "calibration", "reference": root / "reference"}
+
+
+@pytest.fixture(scope="session")
+def wide_student(corpus_dir, tmp_path_factory) -> dict[str, Path]:
+    """The student laid out with 32-wide heads (tests/wide_heads.py), which vLLM's CPU kernels take, through
+    download, calibration and reference (with the fixture tasks' 16-bit scores) as a model of its own."""
+    from wide_heads import widen
+
+    root = tmp_path_factory.mktemp("wide-student")
+    download.run(str(widen(EMBEDDED_STUDENT, root / "source")), "v1", root / "checkpoint", DownloadSettings())
+    calibrate.run(root / "checkpoint", corpus_dir / "calibration.txt", root / "calibration",
+                  CalibrationSettings(samples=16))  # fmt: skip
+    settings = EvaluationSettings(max_chunks=8)
+    tasks = ValidateSettings(tasks=sorted(TASK_DATA), task_data=TASK_DATA, task_limit=6)  # its 16-bit scores
+    reference.run(root / "checkpoint", corpus_dir / "evaluation.txt", root / "reference", settings, tasks)
     return {"checkpoint": root / "checkpoint", "calibration": root / "calibration", "reference": root / "reference"}
 
 

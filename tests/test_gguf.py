@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import EMBEDDED, REPO, damaged_copy
+from conftest import EMBEDDED, REPO, TASK_DATA, damaged_copy
 from deepcast import manifest, registry, sizes, tools
 from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
@@ -60,6 +60,9 @@ def validated(quantized, base, kld_base, reference_dir, llama, tmp_path_factory)
     for name, artifact in quantized.items():
         bundle = root / name / "bundle"
         gguf.bundle(artifact, base, cpu, bundle, name.split("-")[0], "48G", "auto", llama)
+        # lm-eval's fixture tasks through Q4_K_M's own llama-server; the other bundles keep the default (no data).
+        with_tasks = ValidateSettings(tasks=sorted(TASK_DATA), task_data=TASK_DATA, task_limit=6)
+        settings = with_tasks if name == "Q4_K_M" else None
         results[name] = gguf.validate(
             bundle,
             kld_base,
@@ -69,6 +72,7 @@ def validated(quantized, base, kld_base, reference_dir, llama, tmp_path_factory)
             EVALUATION.max_chunks,
             2,
             llama,
+            settings,
         )
     return results
 
@@ -131,6 +135,17 @@ def test_server_answered_and_stopped_cleanly(validated):
     server = validated["Q4_K_M"]["server"]
     assert all(text.strip() for text in server["completions"]) and server["deterministic"] and server["exit_code"] == 0
     assert validated["Q4_K_M"]["speed"]["status"] == "not measured here"  # no target given
+
+
+def test_lm_eval_runs_the_generation_task_against_the_bundles_llama_server_and_says_why_not_the_others(validated):
+    scores = validated["Q4_K_M"]["tasks"]
+    assert scores["status"] == "measured" and scores["backend"] == "llama-server"
+    assert list(scores["scores"]) == ["gsm8k"] and scores["scores"]["gsm8k"]["samples"] == 6
+    assert scores["scores"]["gsm8k"]["metric"] == "exact_match"
+    assert sorted(scores["skipped"]) == sorted(set(TASK_DATA) - {"gsm8k"})
+    assert all("refuses echo" in why for why in scores["skipped"].values())
+    assert validated["Q8_0"]["tasks"] == {"status": "skipped", "reason": "no task data (validate.task_data)",
+                                          "tasks": ["hellaswag", "piqa", "winogrande"]}  # fmt: skip
 
 
 def test_launch_script_refuses_a_tampered_bundle(validated, tmp_path_factory):

@@ -24,12 +24,15 @@ def target_tree(tmp_path):
     root = tmp_path / "results/targets/cpu/tiny-deepseek-v3/v1"
     common = {"perplexity_reference": 80.0, "size_bytes": 2_000_000}
     measured = {"status": "measured", "decode_tokens_per_s": 700.0, "roofline_decode_tokens_per_s": 1500}
+    gsm8k = {"metric": "exact_match", "value": 0.25, "stderr": 0.1, "higher_is_better": True, "samples": 20}
+    tasks = {"status": "measured", "scores": {"gsm8k": gsm8k}, "skipped": {"piqa": "llama-server ..."}}
     validated(root / "llama.cpp/Q4_K_M", {**common, "perplexity": 80.4, "kl_divergence": 0.01,
               "same_top_token_percent": 95.0, "server": {"deterministic": True}, "gate": {"status": "passed"},
-              "speed": measured})  # fmt: skip
+              "speed": measured, "tasks": tasks})  # fmt: skip
     validated(root / "vllm/gptq-w4a16", {**common, "engine": "vllm-cpu", "perplexity": 90.0, "kl_divergence": 0.3,
               "smoke": {"deterministic": True, "engine": "transformers"}, "gate": {"status": "warned"},
-              "speed": {"status": "not measured here", "roofline_decode_tokens_per_s": 1200}})  # fmt: skip
+              "speed": {"status": "not measured here", "roofline_decode_tokens_per_s": 1200},
+              "tasks": {"status": "skipped", "reason": "no task data (validate.task_data)"}})  # fmt: skip
     (root / "vllm/awq-w4a16/bundle").mkdir(parents=True)  # its validation failed: no validation directory
     plan = make_plan(CONFIG, "tiny-deepseek-v3", "cpu", REPO, ["Q4_K_M", "gptq-w4a16", "awq-w4a16"], False)
     (root / "plan.json").write_text(json.dumps(plan.as_dict()))
@@ -44,6 +47,8 @@ def test_rows_come_from_validations_and_a_failed_one_is_not_validated(tmp_path):
     assert rows["vllm/gptq-w4a16"].gate == "warned" and rows["vllm/gptq-w4a16"].engine == "vllm-cpu"
     assert rows["vllm/gptq-w4a16"].decode_tokens_per_s == "not measured here (roofline <= 1,200)"
     assert rows["vllm/awq-w4a16"].gate == "not validated" and rows["vllm/awq-w4a16"].perplexity is None
+    assert rows["llama.cpp/Q4_K_M"].tasks == "gsm8k exact_match 0.250 ± 0.10 (n=20); piqa skipped"
+    assert rows["vllm/gptq-w4a16"].tasks == "skipped: no task data (validate.task_data)"
 
 
 def test_summary_writes_the_report_files(tmp_path, reference_dir):
@@ -52,6 +57,8 @@ def test_summary_writes_the_report_files(tmp_path, reference_dir):
     assert results == {"artifacts": 3, "validated": 2}
     table = (root / "summary/table.html").read_text()
     assert "llama.cpp/Q4_K_M" in table and "not validated" in table
+    assert "<th>tasks</th>" in table and "gsm8k exact_match 0.250" in table
+    assert "16-bit model on the same items: skipped: no task data (validate.task_data)" in table
     assert "<svg" in (root / "summary/quality-vs-size.svg").read_text()
     plan = (root / "summary/plan.html").read_text()
     assert "Chosen" in plan and "Refused" in plan and "onnxruntime-genai" in plan
@@ -63,6 +70,7 @@ def test_cli_prints_the_table_and_fails_when_an_artifact_did_not_pass(tmp_path):
     result = deepcast_cli("report", "--config-dir", str(CONFIG), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "llama.cpp/Q4_K_M" in result.stdout and "not validated" in result.stdout and "warned" in result.stdout
+    assert "tasks of llama.cpp/Q4_K_M: gsm8k exact_match 0.250 ± 0.10 (n=20); piqa skipped" in result.stdout
 
 
 def test_speed_is_not_measured_for_a_target_whose_hardware_is_elsewhere():

@@ -95,11 +95,14 @@ def calibrate(checkpoint: Path, source_file: Path | None, out: Path, raw: str) -
 @click.option("--evaluation-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--settings", "raw", default="{}", help="JSON of the evaluation settings.")
-def reference(checkpoint: Path, evaluation_text: Path, out: Path, raw: str) -> None:
-    """Measure the baseline perplexity every quantized artifact is compared with."""
+@click.option("--tasks", "raw_tasks", default="{}", help="JSON of the validate settings' task fields.")
+def reference(checkpoint: Path, evaluation_text: Path, out: Path, raw: str, raw_tasks: str) -> None:
+    """Measure the baseline perplexity and task scores every quantized artifact is compared with."""
     from deepcast.stages import reference as stage
 
-    _report(stage.run(checkpoint, evaluation_text, out, _settings(settings_module.EvaluationSettings, raw)))
+    settings = _settings(settings_module.EvaluationSettings, raw)
+    task_settings = _settings(settings_module.ValidateSettings, raw_tasks)
+    _report(stage.run(checkpoint, evaluation_text, out, settings, task_settings))
 
 
 DIR = click.Path(exists=True, file_okay=False, path_type=Path)

@@ -175,10 +175,21 @@ class ValidateSettings(Strict):
     )
     tasks: list[str] = Field(
         default=["hellaswag", "piqa", "winogrande"],
-        description="lm-evaluation-harness tasks, run where the harness and their data are available "
-        "(skipped with the reason otherwise).",
+        description="lm-evaluation-harness tasks (any task `lm_eval ls tasks` lists), run on the 16-bit model "
+        "and every artifact where validate.task_data gives their items; skipped with the reason otherwise.",
     )
-    task_limit: int = Field(default=200, ge=1, description="Examples per task.")
+    task_data: dict[str, Path] = Field(
+        default={},
+        description="Task name -> a jsonl file of its items in the upstream task's format: the hub is not "
+        "read, deepcast writes a task YAML that includes the upstream definition with this file as every split.",
+    )
+    task_limit: int = Field(default=200, ge=1, description="Items per task.")
+    max_task_drop_points: float = Field(
+        default=5.0,
+        ge=0,
+        description="The task gate: the largest drop of a task's accuracy below the 16-bit model's, in points, "
+        "when it also exceeds twice the combined standard error.",
+    )
     thresholds: dict[str, Gate] = Field(
         default=DEFAULT_GATES,
         description="Per format (GGUF type or compress scheme; '*' for the rest): the largest perplexity "

@@ -5,6 +5,7 @@ Every figure is written down with its source; [D] marks a figure derived here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from deepcast.errors import DeepcastError
@@ -310,11 +311,18 @@ class VllmPlan:
 
     def serve_flags(self) -> list[str]:
         flags = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
+        if self.engine == "vllm-cpu":  # no kernel compilation at start: minutes on a few cores, for no gain here
+            flags.append("--enforce-eager")
         if self.tensor_parallel > 1:
             flags += ["--tensor-parallel-size", str(self.tensor_parallel)]
         if self.pipeline_parallel > 1:
             flags += ["--pipeline-parallel-size", str(self.pipeline_parallel)]
         return flags
+
+    def cpu_kv_cache_gib(self) -> int:
+        """VLLM_CPU_KVCACHE_SPACE for vLLM's CPU backend: whole GiB holding one sequence of the planned context.
+        Setting it also skips vLLM's check that 92 % of the host's memory is free."""
+        return max(1, math.ceil(self.max_model_len * self.kv_bytes_per_token / 2**30))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "serve_flags": self.serve_flags()}

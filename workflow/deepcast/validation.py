@@ -7,7 +7,6 @@ reason; it is never reported as passed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -33,8 +32,11 @@ def pick_device(requested: str) -> str:
 
 def hardware_here(target: Target) -> str | None:
     """None when this machine is the target's kind of machine; else why figures taken here would not hold."""
-    if target.gpu is None:
-        return None  # a CPU target: this machine's CPU runs it, as the target's would
+    if target.gpu is None:  # a CPU target: this machine's CPU runs it where it has the target's instruction sets
+        missing = sorted(set(target.cpu_features) - cpu_flags())
+        if missing:
+            return f"target {target.name} assumes a CPU with {', '.join(missing)}; this machine's CPU lacks them"
+        return None
     visible = visible_gpus("name")
     wanted = target.gpu.name.split()[:2]  # e.g. "H100 SXM", "RTX 4090"
     matching = [name for name in visible if all(word.lower() in name.lower() for word in wanted)]
@@ -42,6 +44,15 @@ def hardware_here(target: Target) -> str | None:
         have = ", ".join(visible) or "no GPU"
         return f"target {target.name} needs {target.gpu.count} x {target.gpu.name}; this machine has {have}"
     return None
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU instruction-set flags, as /proc/cpuinfo names them (none known elsewhere than Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 def roofline(plan_file: Path | None, fmt: str) -> float | None:
@@ -158,19 +169,3 @@ def transformers_speed(
         "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
         "roofline_decode_tokens_per_s": estimate,
     }
-
-
-def tasks(names: list[str], pretrained: Path, limit: int) -> dict:
-    """lm-evaluation-harness tasks where the harness and their data are available; skipped with the reason."""
-    if not names:
-        return {"status": "skipped", "reason": "no tasks configured (validate.tasks)"}
-    if importlib.util.find_spec("lm_eval") is None:
-        reason = "lm-evaluation-harness is not installed (pip install lm-eval; its task data come from the hub)"
-        return {"status": "skipped", "tasks": names, "reason": reason}
-    import lm_eval
-
-    try:
-        out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={pretrained}", tasks=names, limit=limit)
-    except Exception as error:  # the harness raises many kinds when a task's data cannot be fetched
-        return {"status": "skipped", "tasks": names, "reason": f"lm-evaluation-harness could not run them: {error}"}
-    return {"status": "measured", "tasks": names, "limit": limit, "results": out["results"]}

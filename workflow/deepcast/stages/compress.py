@@ -10,6 +10,7 @@ normal routing never reached on the calibration set are counted and reported in 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from deepcast import gates, sizes
+from deepcast import gates, sizes, tasks
 from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path, require_space
 from deepcast.manifest import Recorder, verify
 from deepcast.registry import Target, shape_from_hf_config
+from deepcast.serving import VLLM_CPU_VERSION
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,98 @@ def serving_check(artifact: Path) -> dict:
     return {"status": "served", "engine": "vllm", "completion": completion}
 
 
+# [D] vLLM computes in bf16 with its own kernels; transformers scores the same checkpoint in float32 on the CPU.
+# Measured on the embedded student's three schemes: see docs/compress.md. A broken load differs by far more.
+SERVED_PERPLEXITY_TOLERANCE = 0.03
+DECODE_TOKENS = 64
+VLLM_CPU_READY_S = 600  # about 70 s on 2 cores for a tiny model: three processes import torch and load the kernels
+
+
+def vllm_cpu_serving(bundle_dir: Path, model_name: str, chunks: list[list[int]], perplexity: float,
+                     estimate: float | None, settings: ValidateSettings | None = None
+                     ) -> tuple[dict, dict, dict]:  # fmt: skip
+    """The bundle's own launch.sh with vllm-cpu on loopback: the fixed prompts twice (identical), the perplexity of
+    the reference chunks from prompt log-probs against transformers' figure for the same checkpoint, decode
+    tokens/s, the lm-eval tasks through the server, a clean stop. Returns the serving record, speed and tasks."""
+    from deepcast import serving, validation
+
+    try:
+        python = serving.vllm_bin() / "python3"
+    except DeepcastError as missing:
+        reason = f"vllm-cpu is not installed here ({missing})"
+        skipped = {"status": "skipped", "reason": reason}
+        return {"status": "not served here", "reason": reason}, validation.not_measured(reason, estimate), skipped
+    with serving.serving(bundle_dir, {"VLLM_PYTHON": str(python)}, VLLM_CPU_READY_S, "vLLM") as server:
+        ask = _completions(server.url, model_name)
+        runs = [[ask(prompt, validation.SMOKE_TOKENS)["text"] for prompt in validation.PROMPTS] for _ in range(2)]
+        nll = scored = 0.0
+        for ids in chunks:  # the second half of each chunk, as perplexity.compare scores it
+            logprobs = ask(ids, 1, prompt_logprobs=0)["prompt_logprobs"]
+            for position in range(len(ids) // 2 + 1, len(ids)):
+                nll -= logprobs[position][str(ids[position])]["logprob"]
+                scored += 1
+        started = time.perf_counter()
+        ask(validation.PROMPTS[0], 1)
+        first_token_s = time.perf_counter() - started
+        started = time.perf_counter()
+        ask(validation.PROMPTS[0], DECODE_TOKENS + 1, ignore_eos=True)
+        decode_s = time.perf_counter() - started - first_token_s
+        task_scores = tasks.run(settings or ValidateSettings(), "vllm", base_url=server.url, model_name=model_name,
+                                tokenizer_dir=bundle_dir)  # fmt: skip
+    served_perplexity = math.exp(nll / scored)
+    difference = abs(served_perplexity / perplexity - 1)
+    problems = serving_problems(runs, served_perplexity, perplexity, server.exit_code)
+    if problems:
+        fix = "Fix: rebuild the bundle from a fresh compress run; if it persists, report it with the validation log."
+        raise DeepcastError(f"vLLM served bundle {bundle_dir} with {'; '.join(problems)}. {fix}")
+    record = {
+        "status": "served", "engine": "vllm-cpu", "vllm_cpu_version": serving.VLLM_CPU_VERSION,
+        "ready_s": server.ready_s, "completions": runs[0], "deterministic": True,
+        "perplexity": round(served_perplexity, 6), "perplexity_transformers": perplexity,
+        "relative_difference": round(difference, 6), "tolerance": SERVED_PERPLEXITY_TOLERANCE,
+        "tokens_scored": int(scored), "exit_code": server.exit_code,
+    }  # fmt: skip
+    speed = {
+        "status": "measured", "engine": "vllm-cpu (loopback server)",
+        "decode_tokens_per_s": round(DECODE_TOKENS / decode_s, 1), "roofline_decode_tokens_per_s": estimate,
+    }  # fmt: skip
+    return record, speed, task_scores
+
+
+def serving_problems(runs: list[list[str]], served_perplexity: float, perplexity: float, exit_code: int | None
+                     ) -> list[str]:  # fmt: skip
+    """What keeps a served bundle from passing: empty or differing greedy answers, a perplexity apart from
+    transformers' on the same tokens, an unclean stop."""
+    problems = []
+    if any(not text.strip() for text in runs[0]):
+        problems.append(f"an empty completion: {runs[0]}")
+    if runs[0] != runs[1]:
+        problems.append(f"greedy completions that differ between two runs: {runs[0]} then {runs[1]}")
+    difference = abs(served_perplexity / perplexity - 1)
+    if difference > SERVED_PERPLEXITY_TOLERANCE:
+        problems.append(f"perplexity {served_perplexity:.4f} on the reference chunks where transformers computes "
+                        f"{perplexity:.4f} for the same checkpoint ({difference:.1%} apart; at most "
+                        f"{SERVED_PERPLEXITY_TOLERANCE:.0%} allowed)")  # fmt: skip
+    if exit_code != 0:
+        problems.append(f"exit {exit_code} when stopped (0 expected)")
+    return problems
+
+
+def _completions(url: str, model_name: str):
+    """A caller of the server's /v1/completions at temperature 0; extra fields go into the request."""
+    import urllib.request
+
+    def ask(prompt: str | list[int], max_tokens: int, **extra) -> dict:
+        body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+        request = urllib.request.Request(
+            f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())["choices"][0]
+
+    return ask
+
+
 def validate(
     artifact: Path,
     checkpoint: Path,
@@ -370,24 +464,37 @@ def validate(
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     estimate = validation.roofline(plan_file, scheme_name)
     elsewhere = validation.hardware_here(target) if target else "no target given"
-    if engine != "transformers":
-        speed = validation.not_measured(f"{engine} is the planned engine and vLLM is not installed here", estimate)
-    elif elsewhere:
-        speed = validation.not_measured(elsewhere, estimate)
+    quality = validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher)
+    task_scores = None  # measured through the server where one serves the bundle here
+    if engine == "vllm-cpu" and elsewhere:
+        served, speed = {"status": "not served here", "reason": elsewhere}, validation.not_measured(elsewhere, estimate)
+    elif engine == "vllm-cpu":
+        chunks = json.loads((reference_dir / "chunks.json").read_text())
+        served, speed, task_scores = vllm_cpu_serving(artifact, scheme_name, chunks, quality["perplexity"], estimate,
+                                                      settings)  # fmt: skip
+    elif engine != "transformers":
+        served, speed = serving_check(artifact), validation.not_measured(
+            f"{engine} is the planned engine and vLLM is not installed here", estimate
+        )
     else:
-        speed = validation.transformers_speed(model, tokenizer, estimate)
+        served = {"status": "not served here", "reason": "the plan serves this scheme with transformers"}
+        speed = validation.not_measured(elsewhere, estimate) if elsewhere else validation.transformers_speed(
+            model, tokenizer, estimate
+        )
     results = {
-        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
+        **quality,
         "engine": engine,
         "loaded_with": loader,
         "layout": layout,
         "smoke": validation.transformers_smoke(model, tokenizer),
-        "serving": serving_check(artifact),
+        "serving": served,
         "speed": speed,
-        "tasks": validation.tasks(settings.tasks, artifact, settings.task_limit),
+        # As users evaluate deployments: through the bundle's server where it was served, else the checkpoint.
+        "tasks": task_scores or tasks.run(settings, "hf", model, tokenizer),
         "size_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors")),
     }
-    results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, settings)
+    reference_tasks = tasks.reference_scores(reference_dir)
+    results["gate"] = gates.apply(str(artifact.parent), scheme_name, results, settings, reference_tasks)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 
@@ -429,16 +536,32 @@ def bundle(artifact: Path, target: Target, out: Path, scheme_name: str, engine: 
             if path.is_file() and path.name != "manifest.json":
                 link_or_copy(path, tmp / path.name)
         flags = " ".join(plan.serve_flags())
+        served = f"--served-model-name {scheme_name}"
         title = f"{scheme_name} of {source['params']['architecture']} on {target.name}"
         if engine == "transformers":  # CPU: vLLM's CPU backend has no kernel for this scheme
             header = (
                 f"# Serve {title} with `transformers serve` (needs transformers[serving]); extra arguments go to it."
             )
             command = 'transformers serve "$(pwd)"'
+            preflight = ""
+        elif engine == "vllm-cpu":
+            header = (
+                f"# Serve {title} with vLLM's CPU backend (vllm-cpu {VLLM_CPU_VERSION}, from\n"
+                "# `deepcast tools install vllm`). VLLM_PYTHON is that environment's python (default: python3 on\n"
+                "# PATH); extra arguments go to the server (for example --port 8000). The package's `vllm` command\n"
+                "# fails on its own package name, so the module runs it."
+            )
+            command = f'"$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$(pwd)" {served} {flags}'
+            preflight = (
+                'VLLM_PYTHON="${VLLM_PYTHON:-python3}"\n'
+                f'export VLLM_CPU_KVCACHE_SPACE="${{VLLM_CPU_KVCACHE_SPACE:-{plan.cpu_kv_cache_gib()}}}"\n'
+                'export HF_HUB_OFFLINE=1\n'
+            )
         else:
             header = f"# Serve {title} with vLLM. Extra arguments go to `vllm serve` (for example --port 8000)."
-            command = f'vllm serve "$(pwd)" --served-model-name {scheme_name} {flags}'
-        write_launch_script(tmp, header, command)
+            command = f'vllm serve "$(pwd)" {served} {flags}'
+            preflight = ""
+        write_launch_script(tmp, header, command, preflight)
         (tmp / "server.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(VLLM_README.format(
             title=title, scheme=scheme_name, format=SCHEMES[scheme_name].format, engine=plan.engine, flags=flags,

@@ -14,7 +14,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from deepcast import gates, planner, sizes
+from deepcast import gates, planner, sizes, tasks
 from deepcast.config import ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import (
@@ -438,8 +438,8 @@ def validate(
         "same_top_token_percent": _last_float(r"Same top p:\s+([\d.]+)", output),
         "size_bytes": sum(p.stat().st_size for p in bundle_dir.glob("*.gguf")),
         "weights_gb_planned": facts["weights_gb"],
-        "server": smoke_test(bundle_dir, llama),
     }
+    results["server"], results["tasks"] = smoke_test(bundle_dir, llama, settings)
     if teacher_kld_dir is not None:
         recorder.input("teacher_" + KLD_BASE, teacher_kld_dir / KLD_BASE)
         against = kl_divergence(model, teacher_kld_dir / KLD_BASE, context, chunks, threads, llama)
@@ -452,11 +452,8 @@ def validate(
     results["load_time_s"] = results["server"]["ready_s"]
     qtype = read(bundle_dir)["params"]["type"]
     results["speed"] = speed(bundle_dir, llama, threads, target, roofline(plan_file, qtype))
-    results["tasks"] = {
-        "status": "skipped",
-        "reason": "lm-evaluation-harness runs transformers checkpoints; GGUF tasks through llama-server are not wired",
-    }
-    results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, settings)
+    reference_tasks = tasks.reference_scores(reference_dir)
+    results["gate"] = gates.apply(str(bundle_dir.parent), qtype, results, settings, reference_tasks)
     return recorder.save(out, results, {"validation.json": json.dumps(results, indent=2) + "\n"})
 
 
@@ -469,17 +466,21 @@ def kl_divergence(model: Path, base: Path, context: int, chunks: int, threads: i
     )  # fmt: skip
 
 
-def smoke_test(bundle_dir: Path, llama: LlamaCpp, timeout: float = 120) -> dict:
-    """Start the bundle's launch script on loopback, ask for the fixed completions twice, stop it cleanly."""
+def smoke_test(bundle_dir: Path, llama: LlamaCpp, settings: ValidateSettings, timeout: float = 120
+               ) -> tuple[dict, dict]:  # fmt: skip
+    """Start the bundle's launch script on loopback, ask for the fixed completions twice, run the lm-eval tasks
+    against it, stop it cleanly. Returns the server record and the task scores."""
     with serving(bundle_dir, {"LLAMA_SERVER": str(llama.tool("llama-server"))}, timeout, "llama.cpp") as server:
         runs = [[_complete(server.url, prompt) for prompt in PROMPTS] for _ in range(2)]
         if any(not text.strip() for text in runs[0]):
             raise DeepcastError(f"llama-server answered an empty completion: {runs[0]}")
         if runs[0] != runs[1]:
             raise DeepcastError(f"greedy completions are not deterministic: {runs[0]} then {runs[1]}")
+        task_scores = tasks.run(settings, "llama-server", base_url=server.url, model_name=bundle_dir.name)
     if server.exit_code != 0:
         raise DeepcastError(f"llama-server did not stop cleanly (exit {server.exit_code}).")
-    return {"ready_s": server.ready_s, "completions": runs[0], "deterministic": True, "exit_code": server.exit_code}
+    record = {"ready_s": server.ready_s, "completions": runs[0], "deterministic": True, "exit_code": server.exit_code}
+    return record, task_scores
 
 
 def _complete(url: str, prompt: str) -> str:

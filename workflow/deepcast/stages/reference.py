@@ -1,7 +1,8 @@
-"""Reference evaluation: perplexity of the downloaded checkpoint on the evaluation split.
+"""Reference evaluation: perplexity of the downloaded checkpoint on the evaluation split, and its scores on the
+configured lm-eval tasks.
 
-Every quantized artifact is compared with this figure. The token chunks are
-saved with it, so later validations score exactly the same tokens.
+Every quantized artifact is compared with these figures. The token chunks are
+saved with them, so later validations score exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -11,20 +12,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from deepcast.config import EvaluationSettings
+from deepcast import tasks
+from deepcast.config import EvaluationSettings, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.manifest import Recorder, verify
 from deepcast.perplexity import chunk_tokens, evaluate
 from deepcast.validation import pick_device
 
 
-def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: EvaluationSettings) -> dict:
+def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: EvaluationSettings,
+        task_settings: ValidateSettings | None = None) -> dict:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     verify(checkpoint)
-    recorder = Recorder("reference", settings.model_dump())
+    task_settings = task_settings or ValidateSettings()
+    task_fields = task_settings.model_dump(mode="json", include=tasks.FIELDS)
+    recorder = Recorder("reference", {**settings.model_dump(), "tasks": task_fields})
     recorder.input("evaluation_text", evaluation_text)
+    for name, path in sorted(task_settings.task_data.items()):
+        recorder.input(f"task_data:{name}", path)
     text = evaluation_text.read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -45,5 +52,10 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
     with tqdm(total=len(chunks), desc="perplexity", unit="chunk") as bar:
         result = evaluate(model, chunks, settings.batch_size, progress=bar)
     figures = {**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}
-    texts = {"chunks.json": json.dumps(chunks), "perplexity.json": json.dumps(figures, indent=2) + "\n"}
-    return recorder.save(out, {**result.as_dict(), "device": device}, texts)
+    scores = tasks.run(task_settings, "hf", model=model, tokenizer=tokenizer)
+    texts = {
+        "chunks.json": json.dumps(chunks),
+        "perplexity.json": json.dumps(figures, indent=2) + "\n",
+        tasks.REFERENCE_FILE: json.dumps(scores, indent=2) + "\n",
+    }
+    return recorder.save(out, {**result.as_dict(), "device": device, "tasks": scores.get("scores", {})}, texts)

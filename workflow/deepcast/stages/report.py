@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deepcast import tasks
 from deepcast.manifest import Recorder, read
 
 # Bundle folders under a target: GGUF, compressed-tensors, ModelOpt, ONNX Runtime GenAI, Edge-LLM exports.
@@ -34,6 +35,7 @@ class Row:
     smoke: str = "-"
     gate: str = "not validated"
     teacher_kl_divergence: float | None = None  # a distilled student's, against its teacher on the same tokens
+    tasks: str = "-"
 
 
 def _speed(results: dict) -> str:
@@ -46,11 +48,27 @@ def _speed(results: dict) -> str:
 
 
 def _smoke(results: dict) -> str:
-    """Deterministic greedy generation: through llama-server for GGUF, transformers for checkpoints."""
+    """Deterministic greedy generation: through the bundle's own server (llama-server for GGUF, vLLM where the
+    plan serves a checkpoint with it and it ran here), else transformers for checkpoints."""
     if results.get("server", {}).get("deterministic"):
         return "passed (llama-server)"
+    if results.get("serving", {}).get("deterministic"):
+        return "passed (vllm)"
     smoke = results.get("smoke") or {}
     return f"passed ({smoke['engine']})" if smoke.get("deterministic") else "-"
+
+
+def task_scores(record: dict | None) -> str:
+    """lm-eval figures as one cell: each task's first metric with its standard error, or why none ran."""
+    if not record:
+        return "-"
+    if record.get("status") != "measured":
+        return f"skipped: {record.get('reason', '')}"
+    cells = []
+    for name, score in record["scores"].items():
+        error = f" ± {score['stderr']:.2f}" if score["stderr"] is not None else ""
+        cells.append(f"{name} {score['metric']} {score['value']:.3f}{error} (n={score['samples']})")
+    return "; ".join(cells + [f"{name} skipped" for name in record.get("skipped", {})])
 
 
 def collect(target_dir: Path, parameters: int) -> list[Row]:
@@ -76,14 +94,14 @@ def collect(target_dir: Path, parameters: int) -> list[Row]:
                     results.get("kl_divergence"), results.get("same_top_token_percent"), _speed(results),
                     _smoke(results),
                     (results.get("gate") or {}).get("status", "no gate"),
-                    (results.get("teacher") or {}).get("kl_divergence"),
+                    (results.get("teacher") or {}).get("kl_divergence"), task_scores(results.get("tasks")),
                 )  # fmt: skip
             rows.append(row)
     return rows
 
 
 COLUMNS = ["artifact", "engine", "size GB", "bits/w", "perplexity", "delta %", "KLD", "top-1 %", "decode tok/s",
-           "smoke", "gate"]  # fmt: skip
+           "smoke", "gate", "tasks"]  # fmt: skip
 TEACHER_COLUMN = "KLD to teacher"  # shown for a distilled student's artifacts
 
 
@@ -97,7 +115,8 @@ def _cells(row: Row, columns: list[str]) -> list[str]:
 
     cells = [row.artifact, row.engine, number(row.size_gb, ",.3f"), number(row.bits_per_weight, ".2f"),
              number(row.perplexity, ".3f"), number(row.delta_percent, "+.2f"), number(row.kl_divergence, ".4f"),
-             number(row.same_top_token_percent, ".1f"), row.decode_tokens_per_s, row.smoke, row.gate]  # fmt: skip
+             number(row.same_top_token_percent, ".1f"), row.decode_tokens_per_s, row.smoke, row.gate,
+             row.tasks]  # fmt: skip
     return cells + ([number(row.teacher_kl_divergence, ".4f")] if TEACHER_COLUMN in columns else [])
 
 
@@ -107,12 +126,17 @@ def print_table(rows: list[Row], title: str) -> None:
 
     table = Table(title=title)
     columns = _columns(rows)
-    for column in columns:
+    shown = [c for c in columns if c != "tasks"]  # too wide for a terminal row: listed under the table
+    for column in shown:
         table.add_column(column)
     for row in rows:
         style = None if row.gate == "passed" else "red" if row.gate in ("not validated", "failed") else "yellow"
-        table.add_row(*_cells(row, columns), style=style)
-    Console(width=max(Console().width, 160)).print(table)
+        cells = dict(zip(columns, _cells(row, columns), strict=True))
+        table.add_row(*(cells[c] for c in shown), style=style)
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for row in (r for r in rows if r.tasks != "-"):
+        console.print(f"tasks of {row.artifact}: {row.tasks}", soft_wrap=True)
 
 
 def _html_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -192,6 +216,8 @@ def summary(target_dir: Path, plan_file: Path, reference_dir: Path, out: Path) -
         tmp.mkdir(parents=True)
         columns = _columns(rows)
         table = _html_table(columns, [_cells(r, columns) for r in rows])
+        sixteen_bit = html.escape(task_scores(tasks.reference_scores(reference_dir)))
+        table += f"<p>lm-eval tasks of the 16-bit model on the same items: {sixteen_bit}</p>"
         (tmp / "table.html").write_text(_page(f"Artifacts of {title}", table))
         plot(rows, reference, tmp / "quality-vs-size.svg", f"Quality against size: {title}")
         (tmp / "plan.html").write_text(_page(f"Plan for {title}", plan_body))
