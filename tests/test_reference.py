@@ -28,7 +28,8 @@ def test_chunks_are_saved_for_later_validations(reference_dir, checkpoint, corpu
     assert chunks == [tokens[i * 512 : (i + 1) * 512] for i in range(16)]
     record = manifest.read(reference_dir)
     assert record["results"]["perplexity"] == json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
-    assert set(record["files"]) == {"chunks.json", "perplexity.json"}
+    assert set(record["files"]) == {"chunks.json", "perplexity.json", "tasks.json"}
+    assert json.loads((reference_dir / "tasks.json").read_text())["status"] == "skipped"  # no tasks configured
 
 
 def test_text_shorter_than_one_chunk_is_refused(checkpoint, tmp_path):
