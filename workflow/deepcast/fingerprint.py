@@ -31,7 +31,8 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
-def _imports(path: Path) -> set[Path]:
+@cache  # every stage reaches config.py and its neighbours: parse each module once per workflow parse
+def _imports(path: Path) -> frozenset[Path]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -41,7 +42,7 @@ def _imports(path: Path) -> set[Path]:
         else:
             continue
         found |= {p for p in map(_module_path, names) if p is not None}
-    return found
+    return frozenset(found)
 
 
 def modules_of(stage: str) -> list[Path]:

@@ -17,8 +17,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it computes: the workflow imports this module while it parses
+    import torch
 
 SIGNAL = "signal.safetensors"
 TAIL_FLOOR = 1e-6  # the smallest tail mass the loss trusts (fp16 rounds tiny masses to zero)
@@ -79,6 +81,8 @@ class Signal:
 
 def top_k_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, their log-probabilities (fp32, sorted) and the mass outside them, from raw logits [..., V]."""
+    import torch
+
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logprobs.topk(k, dim=-1, sorted=True)
     tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
@@ -99,6 +103,8 @@ def sparse_forward_kl(
     `symmetric_uniform`), then renormalised; the student's tail is exact. The result is scaled by T^2
     (Hinton) so its gradient does not shrink with T.
     """
+    import torch
+
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = topk_logprobs.float() / temperature
     kept = student.gather(-1, topk_ids.long())
