@@ -18,6 +18,7 @@ import torch
 from conftest import EMBEDDED, REPO, completed_run, deepcast_cli, error_of, snakemake
 from deepcast import kd, manifest
 from deepcast.config import DistillSettings
+from deepcast.gguf_file import read_header
 from deepcast.stages import distill
 
 PRUNE = {"name": "tiny-prune", "kind": "prune"}
@@ -405,13 +406,7 @@ def test_the_embedded_dense_student_keeps_the_teacher_ids_and_is_close_to_the_te
 
 
 def pre_tokenizer(model: Path, llama) -> str:
-    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
-    try:
-        from gguf import GGUFReader
-
-        return bytes(GGUFReader(model).fields["tokenizer.ggml.pre"].parts[-1]).decode()
-    finally:
-        sys.path.remove(str(llama.root / "src" / "gguf-py"))
+    return read_header(model, llama).metadata["tokenizer.ggml.pre"]
 
 
 def test_llama_cpp_converts_the_dense_student_with_the_teachers_pre_tokenizer(base, llama, tmp_path):

@@ -17,6 +17,7 @@ from conftest import EMBEDDED, REPO, TASK_DATA, damaged_copy
 from deepcast import manifest, registry, sizes, tools
 from deepcast.config import EvaluationSettings, Gate, ValidateSettings
 from deepcast.errors import DeepcastError
+from deepcast.gguf_file import read_header
 from deepcast.stages import gguf
 from deepcast.stages.plan import make_plan
 
@@ -98,17 +99,36 @@ def test_manifest_records_size_bits_and_tools(quantized):
     assert q8["size_bytes"] > record["results"]["size_bytes"]
 
 
+def test_the_header_reader_agrees_with_gguf_py(base, quantized, llama):
+    """deepcast.gguf_file skips the metadata arrays gguf-py's reader takes seconds over; on everything else the
+    two agree."""
+    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
+    from gguf import GGUFReader, GGUFValueType
+
+    for path in (base, quantized["Q4_K_M"]):
+        reader, header = GGUFReader(path / gguf.MODEL), read_header(path / gguf.MODEL, llama)
+        assert [(t.name, t.type_name, t.shape, t.n_elements, t.n_bytes) for t in header.tensors] == [
+            (t.name, t.tensor_type.name, tuple(int(n) for n in t.shape), int(t.n_elements), int(t.n_bytes))
+            for t in reader.tensors
+        ]
+        assert set(header.metadata) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+        for key, field in reader.fields.items():
+            if key in header.metadata and field.types[0] == GGUFValueType.STRING:
+                assert header.metadata[key] == bytes(field.parts[-1]).decode(), key
+            elif key in header.metadata and field.types[0] == GGUFValueType.ARRAY:
+                assert header.metadata[key] == ("array", field.types[-1], len(field.data)), key
+            elif key in header.metadata:
+                assert header.metadata[key] == pytest.approx(field.parts[-1][0]), key
+
+
 def test_predicted_sizes_and_tensor_types_match_the_files(base, quantized, llama):
     """The planner's per-tensor port of llama-quantize's type choice, against the real files."""
-    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
-    from gguf import GGUFReader
-
     entry = registry.load_models(CONFIG)["tiny-deepseek-v3"]
     for name, path in [("BF16", base), *quantized.items()]:
         file = path / gguf.MODEL
         qtype, imatrix = name.removesuffix("-noimat"), not name.endswith("-noimat")
         predicted = sizes.gguf_tensor_types(entry.architecture, entry.shape, qtype, imatrix)
-        actual = {t.name: t.tensor_type.name for t in GGUFReader(file).tensors}
+        actual = {t.name: t.type_name for t in read_header(file, llama).tensors}
         assert predicted == actual, name
         size = sizes.gguf_size(entry.architecture, entry.shape, qtype, imatrix).total
         assert size == pytest.approx(file.stat().st_size, rel=0.001), name
@@ -264,10 +284,10 @@ def test_conversion_restores_deepseek_v3_sigmoid_routing(llama, tmp_path):
     written = sorted(p.name for p in (tmp_path / "bf16").iterdir())
     assert written == [gguf.SOURCE_CONFIG, "manifest.json", "model.gguf"]
     sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
-    from gguf import ExpertGatingFuncType, GGUFReader
+    from gguf import ExpertGatingFuncType
 
-    field = GGUFReader(tmp_path / "bf16" / "model.gguf").fields["deepseek2.expert_gating_func"]
-    assert int(field.parts[-1][0]) == ExpertGatingFuncType.SIGMOID
+    gating = read_header(tmp_path / "bf16" / "model.gguf", llama).metadata["deepseek2.expert_gating_func"]
+    assert gating == ExpertGatingFuncType.SIGMOID
 
 
 @pytest.fixture(scope="module")

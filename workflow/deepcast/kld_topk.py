@@ -26,7 +26,6 @@ mass is therefore 1 minus the top-k mass, never the decoded rest.
 from __future__ import annotations
 
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from deepcast.errors import DeepcastError
+from deepcast.gguf_file import read_header
 from deepcast.kd import Signal
 from deepcast.stages.gguf import KLD_BASE, run_tool, verified_gguf
 from deepcast.tools import LlamaCpp
@@ -101,15 +101,9 @@ def top_k_of_records(records: np.ndarray, n_vocab: int, k: int) -> tuple[torch.T
 
 
 def bos_token(model: Path, llama: LlamaCpp) -> int | None:
-    """The GGUF's BOS id, read with the tree's own gguf-py."""
-    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
-    try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(model).fields.get("tokenizer.ggml.bos_token_id")
-    finally:
-        sys.path.remove(str(llama.root / "src" / "gguf-py"))
-    return None if field is None else int(field.parts[-1][0])
+    """The GGUF's BOS id, from its header."""
+    value = read_header(model, llama).metadata.get("tokenizer.ggml.bos_token_id")
+    return None if value is None else int(value)
 
 
 def produce(gguf_dir: Path, text: Path, context: int, chunks: int, k: int, threads: int, llama: LlamaCpp) -> Signal:

@@ -25,6 +25,7 @@ from deepcast.files import (
     write_checksums,
     write_launch_script,
 )
+from deepcast.gguf_file import read_header
 from deepcast.manifest import Recorder, read, verify
 from deepcast.registry import Target, shape_from_hf_config
 from deepcast.serving import serving
@@ -74,22 +75,12 @@ def verified_gguf(directory: Path) -> Path:
 
 
 def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
-    """Parameter count, routed-expert share, token-embedding bytes and bits per weight, read with the tree's
-    own gguf-py."""
-    sys.path.insert(0, str(llama.root / "src" / "gguf-py"))
-    try:
-        from gguf import GGUFReader
-
-        try:
-            reader = GGUFReader(path)
-        except (ValueError, IndexError, OSError) as error:
-            raise DeepcastError(f"{path} is not a readable GGUF ({error}). Fix: rebuild it.") from None
-        elements = sum(int(t.n_elements) for t in reader.tensors)
-        expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
-        embedding_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
-        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    finally:
-        sys.path.remove(str(llama.root / "src" / "gguf-py"))
+    """Parameter count, routed-expert share, token-embedding bytes and bits per weight, from the tensor table."""
+    tensors = read_header(path, llama).tensors
+    elements = sum(t.n_elements for t in tensors)
+    expert_bytes = sum(t.n_bytes for t in tensors if "_exps" in t.name)
+    embedding_bytes = sum(t.n_bytes for t in tensors if t.name == "token_embd.weight")
+    tensor_bytes = sum(t.n_bytes for t in tensors)
     size = path.stat().st_size
     return {
         "size_bytes": size,
