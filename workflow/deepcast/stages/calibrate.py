@@ -104,18 +104,22 @@ def build_samples(documents: list[str], tokenizer, settings: CalibrationSettings
 
 
 def run(checkpoint: Path, source_file: Path, out: Path, settings: CalibrationSettings) -> dict:
+    recorder = Recorder("calibrate", settings.model_dump(), seed=settings.seed)
+    from_hub = settings.source.startswith("hf-dataset://")
+    # Blocks of about four characters per token fill a sample. A local source is read (and refused) before
+    # the tokenizer loads: a missing or empty file is told in a second, not after transformers' start-up.
+    block_chars = 4 * settings.sequence_length
+    documents = None if from_hub else read_documents(source_file, settings.text_field, block_chars)
     from transformers import AutoTokenizer
 
-    recorder = Recorder("calibrate", settings.model_dump(), seed=settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     if settings.chat_template and not tokenizer.chat_template:
         raise DeepcastError("calibration.chat_template is on but the tokenizer has no chat template. Fix: turn it off.")
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        if settings.source.startswith("hf-dataset://"):
+        if from_hub:
             source_file = fetch_hub_dataset(settings.source, tmp)
-        # Blocks of about four characters per token fill a sample.
-        documents = read_documents(source_file, settings.text_field, 4 * settings.sequence_length)
+            documents = read_documents(source_file, settings.text_field, block_chars)
         recorder.input("source", source_file)
         samples = build_samples(documents, tokenizer, settings)
         if not samples:
