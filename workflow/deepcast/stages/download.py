@@ -28,6 +28,7 @@ from deepcast.manifest import Recorder
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+CAUSAL_LM_TABLE = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"  # in transformers.models.auto.modeling_auto
 
 
 @dataclass
@@ -64,6 +65,21 @@ def select_files(available: list[str], settings: DownloadSettings) -> list[str]:
     return chosen + pickles + [f for f in available if f == PICKLE_INDEX]
 
 
+def causal_lm_classes() -> set[str]:
+    """transformers' built-in causal-LM classes, read from its auto-mapping table's source: importing
+    modeling_auto pulls in torch and the generation stack, 5 to 7 s on 2 cores, for a set of names."""
+    import ast
+    from importlib import metadata
+
+    source = metadata.distribution("transformers").locate_file("transformers/models/auto/modeling_auto.py")
+    for node in ast.parse(Path(source).read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == CAUSAL_LM_TABLE for t in node.targets):
+            return {name for _, name in ast.literal_eval(node.value.args[0])}
+    from transformers.models.auto import modeling_auto  # the table is no longer a literal: ask the module
+
+    return set(getattr(modeling_auto, CAUSAL_LM_TABLE).values())
+
+
 def check_config(config_path: Path) -> dict:
     """Refuse checkpoints that need remote code or that transformers cannot build."""
     if not config_path.is_file():
@@ -75,9 +91,7 @@ def check_config(config_path: Path) -> dict:
             "deepcast never runs code from a model repository. Fix: use a checkpoint whose architecture "
             "transformers ships natively, for example a revision converted to a built-in model type."
         )
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    known = causal_lm_classes()
     unknown = [a for a in config.get("architectures", []) if a not in known]
     if unknown or not config.get("architectures"):
         raise DeepcastError(
