@@ -74,8 +74,10 @@ class Recorder:
         self.results: dict = {}
         self.started = time.time()
 
-    def input(self, label: str, path: Path) -> None:
-        self.inputs[label] = sha256_file(path)
+    def input(self, label: str, path: Path, sha256: str | None = None) -> None:
+        """`sha256`: the digest the caller has just verified the file against, so it is not read a second time
+        (a 700 GB GGUF takes minutes to hash)."""
+        self.inputs[label] = sha256 or sha256_file(path)
 
     def save(self, out: Path, results: dict, texts: dict[str, str]) -> dict:
         """An artifact made of small text files: write them and the manifest into `out`, all or nothing."""

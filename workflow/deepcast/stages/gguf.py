@@ -74,6 +74,11 @@ def verified_gguf(directory: Path) -> Path:
     return path
 
 
+def verified_digest(directory: Path) -> str:
+    """The sha256 of the directory's GGUF as its manifest records it: what `verified_gguf` checked."""
+    return read(directory)["files"][MODEL]["sha256"]
+
+
 def gguf_facts(path: Path, llama: LlamaCpp) -> dict:
     """Parameter count, routed-expert share, token-embedding bytes and bits per weight, from the tensor table."""
     tensors = read_header(path, llama).tensors
@@ -155,7 +160,7 @@ def imatrix(base: Path, calibration: Path, out: Path, context: int, threads: int
     model = verified_gguf(base)
     params = {"context": context, "llama.cpp": llama.versions()}
     recorder = Recorder("gguf_imatrix", params, backend=llama.compute_backend)
-    recorder.input(MODEL, model)
+    recorder.input(MODEL, model, sha256=verified_digest(base))
     recorder.input("samples.txt", calibration / "samples.txt")
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -234,7 +239,7 @@ def quantize(
         {"type": qtype, "imatrix": imatrix_dir is not None, "tensor_types": overrides, "requantize": requantize,
          "llama.cpp": llama.versions()},
     )  # fmt: skip
-    recorder.input(MODEL, model)
+    recorder.input(MODEL, model, sha256=verified_digest(base))
     cmd = [llama.tool("llama-quantize")] + (["--allow-requantize"] if requantize else [])
     if imatrix_dir is not None:
         recorder.input(IMATRIX, imatrix_dir / IMATRIX)
@@ -259,7 +264,7 @@ def kld_base(
     params = {"context": context, "chunks": chunks, "base_type": read(base)["params"]["outtype"],
               "llama.cpp": llama.versions()}  # fmt: skip
     recorder = Recorder("gguf_kld_base", params, backend=llama.compute_backend)
-    recorder.input(MODEL, model)
+    recorder.input(MODEL, model, sha256=verified_digest(base))
     recorder.input("evaluation_text", evaluation_text)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -342,7 +347,7 @@ def bundle(
             "planned_flags": planned_flags,
         },
     )
-    recorder.input(MODEL, model)
+    recorder.input(MODEL, model, sha256=verified_digest(artifact))
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if facts["size_bytes"] > _bytes(split_max_size):
