@@ -28,11 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+# The quick configuration is tests/conftest.py's QUICK, which the suite checks bench/faults.py's CONFIG against.
+from faults import CONFIG as QUICK
+from faults import REPO, SNAKEMAKE
+
 ENV = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-# tests/conftest.py's QUICK.
-QUICK = ["calibration={samples: 16}", "compress={schemes: [gptq-w4a16]}", "evaluation={max_chunks: 8}"]
 # The variables Snakemake's shell() sets to the job's threads (snakemake/shell.py).
 THREAD_VARIABLES = ["OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"]  # fmt: skip

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from deepcast import tools  # noqa: E402
 from deepcast.config import DownloadSettings  # noqa: E402
+from deepcast.files import remove  # noqa: E402
 from deepcast.stages import download, gguf  # noqa: E402
 from synthetic_llama_cpp import checkpoint as synthetic_checkpoint  # noqa: E402
 
@@ -89,7 +90,7 @@ def main() -> None:
         synthetic_checkpoint.callback(SHAPE, TOKENIZER, source, 8960)
     os.sync()
     for name in ("checkpoint", "bf16", "Q8_0", "Q4_K_M", "bare-bf16.gguf", "bare-Q8_0.gguf", "bare-Q4_K_M.gguf"):
-        subprocess.run(["rm", "-rf", str(work / name)], check=True)
+        remove(work / name)
 
     steps = {}
     checkpoint = work / "checkpoint"
