@@ -23,3 +23,38 @@ def test_fingerprints_differ_between_stages_and_are_stable():
     assert len(set(prints.values())) == len(stages)
     fingerprint.of_stage.cache_clear()
     assert prints == {stage: fingerprint.of_stage(stage) for stage in stages}
+
+
+def imports_by_ast(path) -> frozenset:
+    """What `fingerprint._imports` reads with a scan, read by Python's own parser."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {p for p in map(fingerprint._module_path, names) if p is not None}
+    return frozenset(found)
+
+
+def test_the_import_scan_agrees_with_the_parser_on_every_module():
+    modules = sorted(fingerprint.PACKAGE.rglob("*.py"))
+    assert len(modules) > 30
+    for path in modules:
+        assert fingerprint._imports(path) == imports_by_ast(path), path
+
+
+def test_the_import_scan_reads_every_form(tmp_path):
+    module = tmp_path / "sample.py"
+    module.write_text(
+        "import os, deepcast.files as files\n"
+        "from deepcast import (\n    config,  # why\n    registry as reg,\n)\n"
+        "def later():\n    from deepcast.stages import plan\n"
+    )
+    assert fingerprint._imports(module) == imports_by_ast(module)
+    found = {p.relative_to(fingerprint.PACKAGE).as_posix() for p in fingerprint._imports(module)}
+    assert found == {"__init__.py", "files.py", "config.py", "registry.py", "stages/__init__.py", "stages/plan.py"}

@@ -9,8 +9,8 @@ dependents, and nothing else.
 
 from __future__ import annotations
 
-import ast
 import hashlib
+import re
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -31,18 +31,28 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
-@cache  # every stage reaches config.py and its neighbours: parse each module once per workflow parse
+# `from deepcast.x import (a, b)` / `import os, deepcast.x`, at any indent (lazy imports count too).
+_FROM = re.compile(r"^[ \t]*from[ \t]+(deepcast[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.MULTILINE)
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n]*)", re.MULTILINE)
+
+
+def _names(clause: str) -> list[str]:
+    """`(a as b,  # why\n c)` -> [a, c]"""
+    clause = re.sub(r"#[^\n]*", "", clause).strip("()\n ")
+    return [item.split()[0] for item in clause.split(",") if item.strip()]
+
+
+@cache  # every stage reaches config.py and its neighbours: read each module once per workflow parse
 def _imports(path: Path) -> frozenset[Path]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        found |= {p for p in map(_module_path, names) if p is not None}
-    return frozenset(found)
+    """The package modules `path` imports. A scan of the import statements, not `ast.parse`: every workflow
+    parse reads the whole package, and parsing it took 0.18 s of a 2 s no-op run. The suite checks the scan
+    against `ast` on every module of the package."""
+    source, names = path.read_text(), []
+    for module, clause in _FROM.findall(source):
+        names += [module] + [f"{module}.{name}" for name in _names(clause)]
+    for clause in _IMPORT.findall(source):
+        names += _names(clause)
+    return frozenset(p for p in map(_module_path, names) if p is not None)
 
 
 def modules_of(stage: str) -> list[Path]:
@@ -56,14 +66,21 @@ def modules_of(stage: str) -> list[Path]:
     return sorted(seen)
 
 
+@cache  # metadata.version scans every installed distribution: once per workflow parse, not once per stage
+def _tool_versions() -> bytes:
+    versions = []
+    for tool in TOOLS:
+        try:
+            versions.append(f"{tool}={metadata.version(tool)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{tool}=absent")
+    return "".join(versions).encode()
+
+
 @cache
 def of_stage(stage: str) -> str:
     digest = hashlib.sha256()
     for path in modules_of(stage):
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
-    for tool in TOOLS:
-        try:
-            digest.update(f"{tool}={metadata.version(tool)}".encode())
-        except metadata.PackageNotFoundError:
-            digest.update(f"{tool}=absent".encode())
+    digest.update(_tool_versions())
     return digest.hexdigest()[:16]

@@ -155,9 +155,13 @@ class ModelRef:
         return f"hf://{self.hub_id}" if self.hub_id else self.local_path
 
 
+# libyaml's safe loader where PyYAML was built with it: every workflow parse reads the models, targets and rules.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load_yaml(path: Path, model: type[BaseModel]):
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_SAFE_LOADER)
         return model.model_validate(data)
     except yaml.YAMLError as error:
         raise DeepcastError(f"{path} is not valid YAML: {error}") from None
