@@ -49,7 +49,6 @@ rule onnx_validate:
     input:
         unpack(teacher_checkpoint_inputs),
         bundle="results/targets/{target}/{model}/{revision}/onnxruntime-genai/{onnx_format}/bundle",
-        checkpoint="results/models/{model}/{revision}/checkpoint",
         reference="results/models/{model}/{revision}/reference",
         plan="results/targets/{target}/{model}/{revision}/plan.json",
     output:
@@ -73,7 +72,7 @@ rule onnx_validate:
         target=TARGET_PROFILE_DIGEST,
         code=fingerprint.of_stage("onnx"),
     shell:
-        "deepcast onnx validate --bundle {input.bundle} --checkpoint {input.checkpoint} {params.teacher}"
+        "deepcast onnx validate --bundle {input.bundle} {params.teacher}"
         " --reference {input.reference} --format {wildcards.onnx_format}"
         " --settings {params.settings:q} --gates {params.gates:q}"
         " --target {wildcards.target} --config-dir {params.config_dir} --plan {input.plan}"

@@ -62,7 +62,10 @@ def test_quality_bar(validated):
 def test_a_teacher_comparison_scores_the_same_tokens(validated):
     rtn = validated["rtn-w4a16"]
     assert rtn["teacher"]["tokens_scored"] == rtn["tokens_scored"]
-    assert rtn["teacher"]["kl_divergence"] == pytest.approx(rtn["kl_divergence"], rel=1e-6)
+    # The teacher is run; the 16-bit model's side of the base figure is its float16 log-probabilities, kept by the
+    # reference: the two agree to float16's rounding.
+    assert rtn["teacher"]["kl_divergence"] == pytest.approx(rtn["kl_divergence"], rel=1e-3, abs=1e-6)
+    assert rtn["teacher"]["perplexity"] == pytest.approx(rtn["perplexity"], rel=1e-9)
     assert "teacher" not in validated["gptq-w4a16"]
 
 

@@ -33,7 +33,6 @@ def validated(student, tmp_path_factory):
         onnx.bundle(graph, where, bundle, fmt)
         results[fmt] = onnx.validate(
             bundle,
-            student["checkpoint"],
             student["reference"],
             root / fmt / "validation",
             fmt,
@@ -55,7 +54,9 @@ def test_builds_validate_through_onnxruntime_genai(validated):
         assert result["tokens_scored"] == 8 * 255 and result["gate"]["status"] == "passed"
         assert result["smoke"]["deterministic"] and all(t.strip() for t in result["smoke"]["completions"])
         assert result["speed"]["status"] == "measured" and result["speed"]["decode_tokens_per_s"] > 0
-        assert result["teacher"]["kl_divergence"] == pytest.approx(result["kl_divergence"])  # same tokens, same model
+        # Same tokens, same model: the teacher run, the base from the reference's float16 log-probabilities, whose
+        # rounding alone reads 5e-7 (tests/test_reference.py).
+        assert result["teacher"]["kl_divergence"] == pytest.approx(result["kl_divergence"], rel=1e-3, abs=1e-6)
     assert int4["size_bytes"] < fp16["size_bytes"] / 2
 
 
@@ -104,10 +105,10 @@ def test_a_truncated_graph_is_refused(validated, student, tmp_path):
     data = bundle / "model.onnx.data"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with pytest.raises(DeepcastError, match="does not match its SHA256SUMS"):
-        onnx.validate(bundle, student["checkpoint"], student["reference"], tmp_path / "v", "onnx-int4", 4)
+        onnx.validate(bundle, student["reference"], tmp_path / "v", "onnx-int4", 4)
     write_checksums(bundle)  # a consistent but truncated bundle: the graph check catches it
     with pytest.raises(DeepcastError, match="truncated or missing"):
-        onnx.validate(bundle, student["checkpoint"], student["reference"], tmp_path / "v", "onnx-int4", 4)
+        onnx.validate(bundle, student["reference"], tmp_path / "v", "onnx-int4", 4)
     assert not (tmp_path / "v").exists()
 
 

@@ -351,7 +351,7 @@ def trtllm_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates,
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
-    _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
+    _report(stage.validate(bundle_dir, reference, out, fmt, evaluation.batch_size, gates,
                            _target(target_name, config_dir), plan_file, teacher, evaluation.device))  # fmt: skip
 
 
@@ -388,7 +388,6 @@ def onnx_bundle(artifact, fmt, target_name, config_dir, out) -> None:
 
 @onnx.command(name="validate")
 @click.option("--bundle", "bundle_dir", type=DIR, required=True)
-@click.option("--checkpoint", type=DIR, required=True)
 @click.option("--reference", type=DIR, required=True)
 @click.option("--format", "fmt", required=True)
 @click.option("--out", type=OUT, required=True)
@@ -396,14 +395,14 @@ def onnx_bundle(artifact, fmt, target_name, config_dir, out) -> None:
 @click.option("--gates", "raw_gates", default="{}", help="JSON of the validate settings (gates).")
 @click.option("--teacher-checkpoint", "teacher", type=DIR, help="A distilled student's teacher checkpoint.")
 @target_options
-def onnx_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates, teacher, target_name, config_dir,
+def onnx_validate(bundle_dir, reference, fmt, out, raw, raw_gates, teacher, target_name, config_dir,
                   plan_file) -> None:  # fmt: skip
     """Quality, smoke and CPU speed through onnxruntime-genai; the gate."""
     from deepcast.stages import onnx as stage
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
-    _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
+    _report(stage.validate(bundle_dir, reference, out, fmt, evaluation.batch_size, gates,
                            _target(target_name, config_dir), plan_file, teacher))  # fmt: skip
 
 

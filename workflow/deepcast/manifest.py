@@ -83,10 +83,16 @@ class Recorder:
         """An artifact made of small text files: write them and the manifest into `out`, all or nothing."""
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            for name, text in texts.items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            self.results = results
-            self.write(tmp)
+            self.complete(tmp, results, texts)
+        return results
+
+    def complete(self, directory: Path, results: dict, texts: dict[str, str]) -> dict:
+        """Write the text files and the manifest into `directory`, the temporary of an `atomic_path` that the
+        stage has already written its other files into."""
+        for name, text in texts.items():
+            (directory / name).write_text(text, encoding="utf-8")
+        self.results = results
+        self.write(directory)
         return results
 
     def write(self, directory: Path) -> dict:

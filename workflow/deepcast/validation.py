@@ -66,11 +66,10 @@ def roofline(plan_file: Path | None, fmt: str) -> float | None:
     return None
 
 
-def against_reference(
-    model, checkpoint: Path, reference_dir: Path, batch_size: int, teacher: Path | None = None
-) -> dict:
-    """Perplexity, KL divergence and top-1 agreement against the 16-bit checkpoint on the reference tokens, with
-    the reference perplexity and the ratio to it; for a distilled student, the same against its teacher."""
+def against_reference(model, reference_dir: Path, batch_size: int, teacher: Path | None = None) -> dict:
+    """Perplexity, KL divergence and top-1 agreement against the 16-bit checkpoint on the reference tokens (its
+    log-probabilities, which the reference stage kept), with the reference perplexity and the ratio to it; for a
+    distilled student, the same against its teacher, which is loaded and run."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -78,18 +77,29 @@ def against_reference(
 
     chunks = json.loads((reference_dir / "chunks.json").read_text())
     reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
-    figures = {}
-    dtype = getattr(model, "dtype", torch.float32)  # the model's own: bf16 on a GPU, float32 on the CPU
-    for label, source in (("base", checkpoint), ("teacher", teacher)):
-        if source is not None:
-            other = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
-            other = other.to(model_device(model)).eval()
-            figures[label] = compare(model, other, chunks, batch_size).as_dict()
-            del other
-    base = figures["base"]
+    base = compare(model, stored_log_probs(reference_dir, chunks), chunks, batch_size).as_dict()
     ratio = round(base["perplexity"] / reference, 6)
     results = {**base, "perplexity_reference": reference, "perplexity_ratio_to_reference": ratio}
-    return results | ({"teacher": figures["teacher"]} if teacher is not None else {})
+    if teacher is not None:
+        dtype = getattr(model, "dtype", torch.float32)  # the model's own: bf16 on a GPU, float32 on the CPU
+        other = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, trust_remote_code=False)
+        results["teacher"] = compare(model, other.to(model_device(model)).eval(), chunks, batch_size).as_dict()
+    return results
+
+
+def stored_log_probs(reference_dir: Path, chunks: list[list[int]]):
+    """The reference's log-probabilities on `chunks`, to be checked against its manifest as they are read."""
+    from deepcast.manifest import read
+    from deepcast.perplexity import LOG_PROBS, StoredLogProbs
+
+    listed = read(reference_dir)["files"].get(LOG_PROBS)
+    if listed is None or not (reference_dir / LOG_PROBS).is_file():
+        raise DeepcastError(
+            f"{reference_dir} has no {LOG_PROBS}: an earlier deepcast made it, before validations read the "
+            "16-bit model's log-probabilities from it. Fix: rerun the reference rule (snakemake --forcerun reference)."
+        )
+    positions = len(chunks[0]) - len(chunks[0]) // 2 - 1
+    return StoredLogProbs(reference_dir / LOG_PROBS, listed["sha256"], len(chunks), positions)
 
 
 def dequantized_model(artifact: Path, dense: dict):

@@ -464,7 +464,7 @@ def validate(
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     estimate = validation.roofline(plan_file, scheme_name)
     elsewhere = validation.hardware_here(target) if target else "no target given"
-    quality = validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher)
+    quality = validation.against_reference(model, reference_dir, batch_size, teacher)
     task_scores = None  # measured through the server where one serves the bundle here
     if engine == "vllm-cpu" and elsewhere:
         served, speed = {"status": "not served here", "reason": elsewhere}, validation.not_measured(elsewhere, estimate)

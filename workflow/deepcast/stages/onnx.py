@@ -248,7 +248,6 @@ def cpu_speed(
 
 def validate(
     bundle_dir: Path,
-    checkpoint: Path,
     reference_dir: Path,
     out: Path,
     fmt: str,
@@ -274,7 +273,7 @@ def validate(
     model = GenaiModel(bundle_dir)
     vocab = json.loads((bundle_dir / "genai_config.json").read_text())["model"]["vocab_size"]
     results = {
-        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
+        **validation.against_reference(model, reference_dir, batch_size, teacher),
         "engine": "onnxruntime-genai",
         "built_for": provider,
         "evaluated_on": "CPU provider" + (CUDA_NOT_RUN if provider == "cuda" else ""),

@@ -2,7 +2,9 @@
 configured lm-eval tasks.
 
 Every quantized artifact is compared with these figures. The token chunks are
-saved with them, so later validations score exactly the same tokens.
+saved with them, so later validations score exactly the same tokens, and so are the
+model's log-probabilities at the scored positions, which those validations' KL
+divergence is computed against.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from tqdm import tqdm
 from deepcast import tasks
 from deepcast.config import EvaluationSettings, ValidateSettings
 from deepcast.errors import DeepcastError
+from deepcast.files import atomic_path
 from deepcast.manifest import Recorder, verify
-from deepcast.perplexity import chunk_tokens, evaluate
+from deepcast.perplexity import LOG_PROBS, LogProbWriter, chunk_tokens, evaluate
 from deepcast.validation import pick_device
 
 
@@ -49,13 +52,21 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
         .to(device)
         .eval()
     )
-    with tqdm(total=len(chunks), desc="perplexity", unit="chunk") as bar:
-        result = evaluate(model, chunks, settings.batch_size, progress=bar)
-    figures = {**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}
-    scores = tasks.run(task_settings, "hf", model=model, tokenizer=tokenizer)
-    texts = {
-        "chunks.json": json.dumps(chunks),
-        "perplexity.json": json.dumps(figures, indent=2) + "\n",
-        tasks.REFERENCE_FILE: json.dumps(scores, indent=2) + "\n",
-    }
-    return recorder.save(out, {**result.as_dict(), "device": device, "tasks": scores.get("scores", {})}, texts)
+    positions = settings.context - settings.context // 2 - 1
+    log_prob_bytes = len(chunks) * positions * model.config.vocab_size * 2
+    with atomic_path(out, needed_bytes=log_prob_bytes) as tmp:
+        tmp.mkdir()
+        with (
+            LogProbWriter(tmp / LOG_PROBS, len(chunks), positions) as keep,
+            tqdm(total=len(chunks), desc="perplexity", unit="chunk") as bar,
+        ):
+            result = evaluate(model, chunks, settings.batch_size, progress=bar, keep=keep)
+        figures = {**result.as_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")}
+        scores = tasks.run(task_settings, "hf", model=model, tokenizer=tokenizer)
+        texts = {
+            "chunks.json": json.dumps(chunks),
+            "perplexity.json": json.dumps(figures, indent=2) + "\n",
+            tasks.REFERENCE_FILE: json.dumps(scores, indent=2) + "\n",
+        }
+        results = {**result.as_dict(), "device": device, "tasks": scores.get("scores", {})}
+        return recorder.complete(tmp, results, texts)

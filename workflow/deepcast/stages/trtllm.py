@@ -409,7 +409,7 @@ def validate(
         model, loaded_with = load_dequantized(artifact), "deepcast's reader of the ModelOpt checkpoint (dequantized)"
     model = model.to(pick_device(device))
     results = {
-        **validation.against_reference(model, checkpoint, reference_dir, batch_size, teacher),
+        **validation.against_reference(model, reference_dir, batch_size, teacher),
         "engine": "tensorrt-llm",
         "loaded_with": loaded_with,
         "layout": layout,
