@@ -9,7 +9,9 @@ and the thread variables Snakemake's shell sets, in a fresh directory. Then Snak
 another fresh directory, one job at a time (`--resources serial=1`), as the direct chain does. Per rule: the
 direct wall time, the wall time Snakemake's metadata records for the job, and the work inside (the stage manifest's
 `wall_time_s`, from the stage's start to its manifest: the rest is process start and imports). Then the no-op
-run of the finished directory against a one-rule Snakefile's no-op, the median of `--repeats` runs each.
+run of the finished directory against a one-rule Snakefile's no-op, the median of `--repeats` runs each. Last,
+Snakemake's own floor: a chain of as many jobs as the pipeline's, each a `touch`, run the same way (start-up,
+scheduling, the shell and the metadata of each job, and nothing of ours).
 
 Writes bench/results/overhead.json and prints the markdown tables docs/benchmarks.md carries.
 """
@@ -107,6 +109,15 @@ def recorded_seconds(workdir: Path) -> dict[str, float]:
     return seconds
 
 
+def chain_snakefile(count: int) -> str:
+    """`count` jobs, each waiting for the one before it and touching a file."""
+    rules = [f'rule all:\n    input: "step{count}.txt"\n']
+    for step in range(1, count + 1):
+        waits = f'    input: "step{step - 1}.txt"\n' if step > 1 else ""
+        rules.append(f'rule step{step}:\n{waits}    output: "step{step}.txt"\n    shell: "touch {{output}}"\n')
+    return "\n".join(rules)
+
+
 def median_noop(workdir: Path, repeats: int, *args: str, snakefile: Path = REPO / "Snakefile") -> float:
     walls = []
     for _ in range(repeats):
@@ -158,6 +169,11 @@ def main() -> None:
     one_rule.write_text(ONE_RULE)
     snakemake(one_rule_dir, "--cores", "1", snakefile=one_rule)
     one_rule_noop_s = median_noop(one_rule_dir, args.repeats, "--cores", "1", snakefile=one_rule)
+    chain_dir = args.workdir / "chain"
+    chain_dir.mkdir()
+    (chain_dir / "Snakefile").write_text(chain_snakefile(len(jobs)))
+    chain_s, _ = snakemake(chain_dir, "--cores", str(args.cores), "--resources", "serial=1",
+                           "--default-resources", "serial=1", snakefile=chain_dir / "Snakefile")  # fmt: skip
 
     jobs_s = sum(job["snakemake_s"] or 0 for job in jobs)
     results = {
@@ -173,6 +189,8 @@ def main() -> None:
         "noop_s": round(noop_s, 2),
         "one_rule_noop_s": round(one_rule_noop_s, 2),
         "noop_ratio": round(noop_s / one_rule_noop_s, 3),
+        "snakemake_floor_s": round(chain_s, 2),
+        "beyond_floor_s": round(snakemake_s - direct_s - chain_s, 2),
         "jobs": jobs,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -180,7 +198,9 @@ def main() -> None:
     print(f"\n| | s |\n|---|---:|\n| direct chain | {direct_s:.1f} |\n| through Snakemake | {snakemake_s:.1f} "
           f"(ratio {results['ratio']:.3f}) |\n| of which between jobs | {results['snakemake_between_jobs_s']:.1f} |\n"
           f"| no-op run (median of {args.repeats}) | {noop_s:.2f} |\n| one-rule Snakefile no-op | "
-          f"{one_rule_noop_s:.2f} (ratio {results['noop_ratio']:.2f}) |")  # fmt: skip
+          f"{one_rule_noop_s:.2f} (ratio {results['noop_ratio']:.2f}) |\n| Snakemake's floor: {len(jobs)} jobs that "
+          f"touch a file | {chain_s:.2f} |\n| through Snakemake less the direct chain and the floor | "
+          f"{results['beyond_floor_s']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
