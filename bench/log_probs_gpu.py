@@ -10,6 +10,7 @@ divergence must agree to 1e-3 relative and the model against its own stored valu
 """
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -48,14 +49,16 @@ def main() -> None:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         for label, reference in (
             ("stored", lambda: StoredLogProbs(path, digest, CHUNKS, 255)),
-            ("model", lambda: model),
+            ("model", lambda: contextlib.nullcontext(model)),
         ):
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            out[label] = compare(noisy, reference(), chunks, 4).as_dict()
+            with reference() as base:
+                out[label] = compare(noisy, base, chunks, 4).as_dict()
             out[label + "_s"] = seconds_since(started)
             out[label + "_gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-        out["itself"] = compare(model, StoredLogProbs(path, digest, CHUNKS, 255), chunks, 4).as_dict()
+        with StoredLogProbs(path, digest, CHUNKS, 255) as stored:
+            out["itself"] = compare(model, stored, chunks, 4).as_dict()
     stored, run = out["stored"], out["model"]
     out["kl_relative_difference"] = abs(stored["kl_divergence"] - run["kl_divergence"]) / run["kl_divergence"]
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -77,10 +77,16 @@ class LogProbWriter:
             self.file.close()
 
 
+def scored_positions(n_ctx: int) -> int:
+    """Positions scored per chunk: the second half, each predicting the next token (llama-perplexity's)."""
+    return n_ctx - n_ctx // 2 - 1
+
+
 class StoredLogProbs:
     """A reference's `LOG_PROBS`, read back a batch of chunks at a time, in order, into one reused buffer, and
-    hashed as it is read, on a thread beside the scoring: `finish` refuses a file that differs from the digest
-    its manifest lists, after the one read the scoring needs anyway instead of a second one before it."""
+    hashed as it is read, on a thread beside the scoring. A context manager: leaving it without an error refuses
+    a file that differs from the digest its manifest lists, after the one read the scoring needs anyway instead
+    of a second one before it."""
 
     def __init__(self, path: Path, sha256: str, chunks: int, positions: int):
         self.path, self.sha256 = Path(path), sha256
@@ -89,6 +95,7 @@ class StoredLogProbs:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(self.file)
         if shape[:2] != (chunks, positions) or dtype != np.float16:
+            self.file.close()
             raise DeepcastError(
                 f"{path} holds {shape[0]} chunks of {shape[1]} positions ({dtype}), the evaluation has {chunks} "
                 f"of {positions}: it is another reference's. "
@@ -120,12 +127,16 @@ class StoredLogProbs:
         if self.hashed is not None:
             self.hashed.result()
 
-    def finish(self) -> None:
+    def __enter__(self) -> StoredLogProbs:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
         self.wait_for_hash()
         self.hasher.shutdown()
-        self.digest.update(self.file.read())
+        if error_type is None:
+            self.digest.update(self.file.read())
         self.file.close()
-        if self.digest.hexdigest() != self.sha256:
+        if error_type is None and self.digest.hexdigest() != self.sha256:
             raise DeepcastError(
                 f"{self.path} differs from the sha256 its manifest lists: the file is corrupt. "
                 f"Fix: delete {self.path.parent} and rerun the reference rule (snakemake --forcerun reference)."
@@ -146,7 +157,7 @@ def evaluate(model, chunks: list[list[int]], batch_size: int = 4, progress=None,
         total_nll += batch_nll(scored_logits(model, ids, first), ids[:, first + 1 :], keep)
         if progress is not None:
             progress.update(ids.shape[0])
-    scored = len(chunks) * (n_ctx - first - 1)
+    scored = len(chunks) * scored_positions(n_ctx)
     mean = float(total_nll) / scored
     return Perplexity(math.exp(mean), mean, scored, len(chunks), n_ctx)
 
@@ -218,23 +229,19 @@ def all_finite(values: torch.Tensor) -> bool:
 @torch.no_grad()
 def compare(model, reference, chunks: list[list[int]], batch_size: int = 4) -> Comparison:
     """Perplexity, KL divergence and top-1 agreement on the second half of every chunk, against `reference`: a
-    model, or its `StoredLogProbs` on these chunks. Memory holds one batch's scored logits of each and one
-    block's intermediates, whatever the number of chunks."""
+    model, or its `StoredLogProbs` on these chunks (the caller's `with` checks the file). Memory holds one
+    batch's scored logits of each and one block's intermediates, whatever the number of chunks."""
     n_ctx = len(chunks[0])
     first = n_ctx // 2
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(chunks), batch_size):
         ids = torch.tensor(chunks[start : start + batch_size])
         quantized = scored_logits(model, ids, first)
-        if isinstance(reference, StoredLogProbs):
-            base = reference.read(ids.shape[0])
-        else:
-            base = scored_logits(reference, ids, first)
+        from_file = isinstance(reference, StoredLogProbs)
+        base = reference.read(ids.shape[0]) if from_file else scored_logits(reference, ids, first)
         sums += batch_comparison(quantized, base, ids[:, first + 1 :]).cpu()  # one device sync per batch
         del quantized, base  # before the next batch's logits: memory holds one batch of each, not two
-    if isinstance(reference, StoredLogProbs):
-        reference.finish()
-    scored = len(chunks) * (n_ctx - first - 1)
+    scored = len(chunks) * scored_positions(n_ctx)
     nll, kld, same = sums.tolist()
     return Comparison(math.exp(nll / scored), kld / scored, 100 * same / scored, scored)
 

@@ -77,7 +77,8 @@ def against_reference(model, reference_dir: Path, batch_size: int, teacher: Path
 
     chunks = json.loads((reference_dir / "chunks.json").read_text())
     reference = json.loads((reference_dir / "perplexity.json").read_text())["perplexity"]
-    base = compare(model, stored_log_probs(reference_dir, chunks), chunks, batch_size).as_dict()
+    with stored_log_probs(reference_dir, chunks) as stored:
+        base = compare(model, stored, chunks, batch_size).as_dict()
     ratio = round(base["perplexity"] / reference, 6)
     results = {**base, "perplexity_reference": reference, "perplexity_ratio_to_reference": ratio}
     if teacher is not None:
@@ -88,9 +89,9 @@ def against_reference(model, reference_dir: Path, batch_size: int, teacher: Path
 
 
 def stored_log_probs(reference_dir: Path, chunks: list[list[int]]):
-    """The reference's log-probabilities on `chunks`, to be checked against its manifest as they are read."""
+    """The reference's log-probabilities on `chunks`, checked against its manifest as they are read."""
     from deepcast.manifest import read
-    from deepcast.perplexity import LOG_PROBS, StoredLogProbs
+    from deepcast.perplexity import LOG_PROBS, StoredLogProbs, scored_positions
 
     listed = read(reference_dir)["files"].get(LOG_PROBS)
     if listed is None or not (reference_dir / LOG_PROBS).is_file():
@@ -98,8 +99,7 @@ def stored_log_probs(reference_dir: Path, chunks: list[list[int]]):
             f"{reference_dir} has no {LOG_PROBS}: an earlier deepcast made it, before validations read the "
             "16-bit model's log-probabilities from it. Fix: rerun the reference rule (snakemake --forcerun reference)."
         )
-    positions = len(chunks[0]) - len(chunks[0]) // 2 - 1
-    return StoredLogProbs(reference_dir / LOG_PROBS, listed["sha256"], len(chunks), positions)
+    return StoredLogProbs(reference_dir / LOG_PROBS, listed["sha256"], len(chunks), scored_positions(len(chunks[0])))
 
 
 def dequantized_model(artifact: Path, dense: dict):

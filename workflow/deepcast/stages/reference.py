@@ -19,7 +19,7 @@ from deepcast.config import EvaluationSettings, ValidateSettings
 from deepcast.errors import DeepcastError
 from deepcast.files import atomic_path
 from deepcast.manifest import Recorder, verify
-from deepcast.perplexity import LOG_PROBS, LogProbWriter, chunk_tokens, evaluate
+from deepcast.perplexity import LOG_PROBS, LogProbWriter, chunk_tokens, evaluate, scored_positions
 from deepcast.validation import pick_device
 
 
@@ -52,7 +52,7 @@ def run(checkpoint: Path, evaluation_text: Path, out: Path, settings: Evaluation
         .to(device)
         .eval()
     )
-    positions = settings.context - settings.context // 2 - 1
+    positions = scored_positions(settings.context)
     log_prob_bytes = len(chunks) * positions * model.config.vocab_size * 2
     with atomic_path(out, needed_bytes=log_prob_bytes) as tmp:
         tmp.mkdir()
