@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import REPO, damaged_copy
-from deepcast import planner, registry
+from deepcast import cli, planner, registry
 from deepcast.config import TrtllmSettings
 from deepcast.errors import DeepcastError
 from deepcast.registry import shape_from_hf_config
@@ -40,14 +41,20 @@ def quantized(checkpoint, calibration, reference_dir, student, tmp_path_factory)
 
 @pytest.fixture(scope="session")
 def validated(quantized, student, tmp_path_factory):
+    """trtllm-fp8 validated through the stage function, trtllm-int4-awq through `deepcast trtllm validate`."""
     root = tmp_path_factory.mktemp("trtllm-validated")
     results = {}
     for fmt in ("trtllm-fp8", "trtllm-int4-awq"):
-        bundle = root / fmt / "bundle"
+        bundle, out = root / fmt / "bundle", root / fmt / "validation"
         trtllm.bundle(quantized[fmt], target("h100"), bundle, fmt, STUDENT_SETTINGS)
-        results[fmt] = trtllm.validate(
-            bundle, student["checkpoint"], student["reference"], root / fmt / "validation", fmt, 4
-        )
+        if fmt == "trtllm-fp8":
+            results[fmt] = trtllm.validate(bundle, student["checkpoint"], student["reference"], out, fmt, 4)
+            continue
+        command = ["trtllm", "validate", "--bundle", str(bundle), "--checkpoint", str(student["checkpoint"]),
+                   "--reference", str(student["reference"]), "--format", fmt, "--out", str(out)]  # fmt: skip
+        ran = CliRunner().invoke(cli.main, command, catch_exceptions=False)
+        assert ran.exit_code == 0, ran.output
+        results[fmt] = json.loads((out / "validation.json").read_text())
     return results
 
 

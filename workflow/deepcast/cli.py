@@ -351,7 +351,7 @@ def trtllm_validate(bundle_dir, checkpoint, reference, fmt, out, raw, raw_gates,
 
     evaluation = _settings(settings_module.EvaluationSettings, raw)
     gates = _settings(settings_module.ValidateSettings, raw_gates)
-    _report(stage.validate(bundle_dir, reference, out, fmt, evaluation.batch_size, gates,
+    _report(stage.validate(bundle_dir, checkpoint, reference, out, fmt, evaluation.batch_size, gates,
                            _target(target_name, config_dir), plan_file, teacher, evaluation.device))  # fmt: skip
 
 
